@@ -1,0 +1,153 @@
+"""Model configuration: one dataclass covers the Llama, Qwen2 and GPT-2 families.
+
+The family only fixes defaults; every architectural switch is an explicit field so an
+unusual checkpoint (Llama with biases, GPT-2 with RoPE, ...) is one config away.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+# Remat policies selectable by name (see `jaxrlhf.models.transformer.remat_policy`).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    Attributes:
+        family: "llama" | "qwen2" | "gpt2"; used for HF export and defaults only.
+        vocab_size: V.
+        d_model: hidden size D.
+        n_layers: L, stacked and scanned.
+        n_heads: query heads H.
+        n_kv_heads: key/value heads (grouped-query attention when < n_heads).
+        head_dim: per-head size; defaults to d_model // n_heads.
+        mlp_dim: F, the MLP hidden size.
+        norm: "rms" (RMSNorm) or "layer" (LayerNorm with bias).
+        norm_eps: epsilon of the norm.
+        mlp: "swiglu" (down(silu(gate(x)) * up(x))) or "gelu" (fc -> gelu_tanh -> proj).
+        positions: "rope" or "learned" (absolute position embeddings, GPT-2).
+        max_positions: size of the learned position table (and a documented bound for RoPE).
+        rope_theta: RoPE base.
+        rope_scaling: None or an HF-style dict; `{"rope_type": "llama3", "factor", "low_freq_factor",
+            "high_freq_factor", "original_max_position_embeddings"}` is supported.
+        qkv_bias / out_bias / mlp_bias: bias on q,k,v projections / attention output / MLP.
+        tie_embeddings: LM head shares the token embedding matrix.
+        param_dtype: storage dtype of parameters ("float32" or "bfloat16").
+        dtype: compute dtype of activations and matmuls (params are cast at use).
+        remat: remat policy name applied to each scanned layer: "none", "full" (save nothing),
+            "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
+        pad_token_id / eos_token_id / bos_token_id: ids written to the HF config on export.
+    """
+
+    family: str = "llama"
+    vocab_size: int = 259
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None
+    mlp_dim: int = 344
+    norm: str = "rms"
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"
+    positions: str = "rope"
+    max_positions: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[tuple] = None  # stored as a sorted tuple of (key, value) pairs
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    pad_token_id: Optional[int] = 256
+    eos_token_id: Optional[int] = 258
+    bos_token_id: Optional[int] = 257
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Unknown model family {self.family!r}; expected one of {FAMILIES}.")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}.")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}.")
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"positions must be 'rope' or 'learned', got {self.positions!r}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                    f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}).")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
+                                              "set head_dim explicitly.")
+        if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static arg)
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self, head: str = "lm") -> int:
+        """Parameter count (embeddings included), computed from the config alone."""
+        d, f, hd = self.d_model, self.mlp_dim, self.dim_per_head
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        if self.qkv_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        if self.out_bias:
+            attn += d
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        if self.mlp_bias:
+            mlp += (2 * f if self.mlp == "swiglu" else f) + d
+        norm = d * (2 if self.norm == "layer" else 1)
+        layer = attn + mlp + 2 * norm
+        total = self.n_layers * layer + norm + self.vocab_size * d
+        if self.positions == "learned":
+            total += self.max_positions * d
+        if head == "lm" and not self.tie_embeddings:
+            total += self.vocab_size * d
+        if head == "score":
+            total += d + 1
+        return total
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Named Llama-style presets used by benchmarks, tests and the built-in task.
+
+    tiny  d=128 L=4 heads 4 kv 2 mlp 344   (~0.9M params with vocab 259)
+    small d=256 L=4 heads 8 kv 4 mlp 688
+    base  d=512 L=8 heads 8 kv 4 mlp 1376
+    1b    d=2048 L=16 heads 16 kv 8 mlp 5632 vocab 32000 (GPU benchmarks, bf16)
+    """
+    presets = {
+            "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=344),
+            "small": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, mlp_dim=688),
+            "base": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, mlp_dim=1376),
+            "1b": dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, mlp_dim=5632,
+                                  vocab_size=32000, param_dtype="float32", dtype="bfloat16", remat="dots"),
+    }
+    if name not in presets:
+        raise ValueError(f"Unknown model preset {name!r}; expected one of {sorted(presets)}.")
+    kw = dict(family="llama", vocab_size=259)
+    kw.update(presets[name])
+    kw.update(overrides)
+    return ModelConfig(**kw)

@@ -1,0 +1,393 @@
+"""A decoder-only transformer in flax.nnx covering the Llama, Qwen2 and GPT-2 families.
+
+Layers are created stacked (`nnx.vmap` at init) and run with `jax.lax.scan`, so compile
+time does not grow with depth. Every parameter carries logical axis names in its `axes`
+metadata (see `jaxrlhf.sharding`). A stacked layer parameter has one more dimension than its
+axes; the leading one is the "layers" axis.
+
+Padding: attention takes a padding mask and explicit positions. Positions default to
+`cumsum(mask) - 1`, so a left-padded row gives exactly the per-token results of the same row
+unpadded. Query rows at padding positions produce finite garbage (never NaN) that callers
+mask out.
+
+Shapes: B batch, T query length, S key length (cache size), D d_model, H query heads,
+K kv heads, G = H / K, Dh head dim, F mlp dim, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig
+
+# Finite "minus infinity" for masked attention logits: a fully masked query row then gives a
+# uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std: Optional[float] = None,
+           init: str = "normal") -> nnx.Param:
+    """Creates an `nnx.Param` with logical `axes` metadata."""
+    dtype = cfg.jnp_param_dtype
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama, Qwen2) or LayerNorm with bias (GPT-2), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
+        if cfg.norm == "layer":
+            self.bias = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="zeros")
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "rms":
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)
+                + self.bias[...].astype(jnp.float32)).astype(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse RoPE frequencies [Dh/2], with llama3-style frequency scaling when configured."""
+    dh = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if not scaling or kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise NotImplementedError(
+            f"rope_scaling type {kind!r} is not supported (supported: 'llama3').")
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`; short ones kept; in between, interpolate.
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
+    """Rotates halves (HF "rotate_half" layout): [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+    angles = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BxTxNxDh.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxDh.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped-query heads, optional biases, RoPE or none."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, k, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
+        std = 0.02
+        self.wq = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), cfg, std=std)
+        self.wk = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg, std=std)
+        self.wv = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg, std=std)
+        self.wo = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg,
+                         std=std / math.sqrt(2 * cfg.n_layers))
+        if cfg.qkv_bias:
+            self.bq = _param(rngs, (h, dh), ("heads", "head_dim"), cfg, init="zeros")
+            self.bk = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.bv = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
+        if cfg.out_bias:
+            self.bo = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+
+    def qkv(self, x_BxTxD, positions_BxT):
+        cfg, dt = self.cfg, x_BxTxD.dtype
+        q = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dke->btke", x_BxTxD, self.wv[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.bq[...].astype(dt)
+            k = k + self.bk[...].astype(dt)
+            v = v + self.bv[...].astype(dt)
+        if cfg.positions == "rope":
+            inv_freq = rope_inv_freq(cfg)
+            q = apply_rope(q, positions_BxT, inv_freq)
+            k = apply_rope(k, positions_BxT, inv_freq)
+        return q, k, v
+
+    def attend(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
+        """softmax(q k^T / sqrt(Dh) + mask) v with query heads grouped over kv heads."""
+        cfg, dt = self.cfg, q_BxTxHxDh.dtype
+        b, t, h, dh = q_BxTxHxDh.shape
+        kh = cfg.n_kv_heads
+        q = q_BxTxHxDh.reshape(b, t, kh, h // kh, dh)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh).astype(jnp.float32)
+        logits = logits * (1.0 / math.sqrt(dh))
+        logits = jnp.where(allowed_BxTxS[:, None, None, :, :], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh).reshape(b, t, h, dh)
+        out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
+        if cfg.out_bias:
+            out = out + self.bo[...].astype(dt)
+        return out
+
+
+class MLP(nnx.Module):
+    """SwiGLU (Llama/Qwen2) or GELU-tanh (GPT-2) feed-forward block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.d_model, cfg.mlp_dim
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        if cfg.mlp == "swiglu":
+            self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg, std=0.02)
+            self.w_up = _param(rngs, (d, f), ("embed", "mlp"), cfg, std=0.02)
+            self.w_down = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+            if cfg.mlp_bias:
+                self.b_gate = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
+                self.b_up = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
+                self.b_down = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+        else:
+            self.w_fc = _param(rngs, (d, f), ("embed", "mlp"), cfg, std=0.02)
+            self.w_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
+            if cfg.mlp_bias:
+                self.b_fc = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
+                self.b_proj = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+
+    def __call__(self, x_BxTxD):
+        cfg, dt = self.cfg, x_BxTxD.dtype
+
+        def dense(x, name):  # x @ w_<name> (+ b_<name> when the config has MLP biases)
+            y = x @ getattr(self, "w_" + name)[...].astype(dt)
+            return y + getattr(self, "b_" + name)[...].astype(dt) if cfg.mlp_bias else y
+
+        if cfg.mlp == "swiglu":
+            h = jax.nn.silu(dense(x_BxTxD, "gate")) * dense(x_BxTxD, "up")
+            return dense(h, "down")
+        return dense(jax.nn.gelu(dense(x_BxTxD, "fc"), approximate=True), "proj")
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions_BxT, kv_fn):
+        """`kv_fn(k, v) -> (keys, values, allowed)` supplies the attended keys (cache or not)."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions_BxT)
+        keys, values, allowed = kv_fn(k, v)
+        x = x + self.attn.attend(q, keys, values, allowed)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class KVCache(NamedTuple):
+    """Key/value cache of all layers, a plain pytree (jit/scan friendly).
+
+    k, v: [L, B, S, K, Dh] in the compute dtype. mask: [B, S] int32, 1 where a slot holds a
+    real (non-padding) token. index: int32 scalar, the next slot to write; every row writes
+    the same slot (prompts are left-padded), so slot order is causal order.
+    """
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+def remat_policy(name: str):
+    """Maps a remat name from the config to a `jax.checkpoint` policy (None = no remat)."""
+    cp = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+def positions_from_mask(mask_BxT):
+    """Position of each token among the real tokens of its row: cumsum(mask) - 1, >= 0."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer with an LM head ("lm") or a scalar head ("score").
+
+    `model(tokens_BxT, mask_BxT)` returns logits_BxTxV (lm) or scores_BxT (score). The score
+    head is applied at every position; a reward is the score at the last real token.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, head: str = "lm", rngs: nnx.Rngs):
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}.")
+        self.cfg = cfg
+        self.head = head
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
+                            std=0.02)
+        if cfg.positions == "learned":
+            self.pos_embed = _param(rngs, (cfg.max_positions, cfg.d_model), (None, "embed"),
+                                    cfg, std=0.01)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(r):
+            return Block(cfg, rngs=r)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = Norm(cfg, rngs=rngs)
+        if head == "lm" and not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg,
+                                  std=0.02)
+        if head == "score":
+            self.score_w = _param(rngs, (cfg.d_model,), ("embed",), cfg,
+                                  std=1.0 / math.sqrt(cfg.d_model + 1))
+            self.score_b = _param(rngs, (), (), cfg, init="zeros")
+
+    # ----------------------------------------------------------------------------------
+    def embed_tokens(self, tokens_BxT, positions_BxT):
+        dt = self.cfg.jnp_dtype
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        if self.cfg.positions == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
+        return x
+
+    def _run_layers(self, x, positions_BxT, kv_fn_for_layer, carry_extra=None):
+        """Scans the stacked layers. `kv_fn_for_layer(extra, layer_idx)` returns a kv_fn and
+        a function giving the new `extra` (used to thread the KV cache through the scan)."""
+        graphdef, state = nnx.split(self.layers)
+        policy = remat_policy(self.cfg.remat)
+
+        def body(carry, xs):
+            h, extra = carry
+            layer_state, idx = xs
+            block = nnx.merge(graphdef, layer_state)
+            kv_fn, get_extra = kv_fn_for_layer(extra, idx)
+            h = block(h, positions_BxT, kv_fn)
+            return (h, get_extra()), None
+
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        idxs = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+        (x, extra), _ = jax.lax.scan(body, (x, carry_extra), (state, idxs))
+        return x, extra
+
+    def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
+        """Final-norm hidden states [B, T, D] of a full (uncached) causal forward."""
+        if mask_BxT is None:
+            mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+        if positions_BxT is None:
+            positions_BxT = positions_from_mask(mask_BxT)
+        t = tokens_BxT.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        allowed = causal[None] & (mask_BxT[:, None, :] > 0)
+
+        def kv_fn_for_layer(extra, idx):
+            return (lambda k, v: (k, v, allowed)), (lambda: extra)
+
+        x = self.embed_tokens(tokens_BxT, positions_BxT)
+        x, _ = self._run_layers(x, positions_BxT, kv_fn_for_layer)
+        return self.final_norm(x)
+
+    def apply_head(self, h_BxTxD):
+        """LM head -> logits [B,T,V] in float32; score head -> scores [B,T] in float32."""
+        dt = h_BxTxD.dtype
+        if self.head == "score":
+            s = h_BxTxD @ self.score_w[...].astype(dt)
+            return s.astype(jnp.float32) + self.score_b[...].astype(jnp.float32)
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return (h_BxTxD @ w.astype(dt)).astype(jnp.float32)
+
+    def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
+        return self.apply_head(self.hidden(tokens_BxT, mask_BxT, positions_BxT))
+
+    # ----------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        cfg = self.cfg
+        dtype = dtype or cfg.jnp_dtype
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_per_head)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       mask=jnp.zeros((batch, max_len), jnp.int32),
+                       index=jnp.zeros((), jnp.int32))
+
+    def hidden_cached(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache):
+        """Runs T new tokens against the cache; returns (hidden [B,T,D], updated cache).
+
+        The new tokens are written to slots [index, index + T). Query i may attend slot j
+        when j <= index + i and slot j holds a real token.
+        """
+        b, t = tokens_BxT.shape
+        s = cache.k.shape[2]
+        start = cache.index
+        kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask_BxT.astype(jnp.int32),
+                                               (0, start))
+        slot = jnp.arange(s, dtype=jnp.int32)
+        qpos = start + jnp.arange(t, dtype=jnp.int32)
+        allowed = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
+
+        def kv_fn_for_layer(extra, idx):
+            box = {}
+
+            def kv_fn(k, v):
+                ks, vs = extra
+                zero = jnp.zeros((), jnp.int32)
+                ks = jax.lax.dynamic_update_slice(
+                    ks, k.astype(ks.dtype)[None], (idx, zero, start, zero, zero))
+                vs = jax.lax.dynamic_update_slice(
+                    vs, v.astype(vs.dtype)[None], (idx, zero, start, zero, zero))
+                box["extra"] = (ks, vs)
+                dt = k.dtype
+                return ks[idx].astype(dt), vs[idx].astype(dt), allowed
+
+            return kv_fn, (lambda: box["extra"])
+
+        x = self.embed_tokens(tokens_BxT, positions_BxT)
+        x, (ks, vs) = self._run_layers(x, positions_BxT, kv_fn_for_layer, (cache.k, cache.v))
+        new_cache = KVCache(k=ks, v=vs, mask=kv_mask, index=start + t)
+        return self.final_norm(x), new_cache
+
+    def decode(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache):
+        """Cached forward: (logits_BxTxV or scores_BxT, updated cache)."""
+        h, cache = self.hidden_cached(tokens_BxT, mask_BxT, positions_BxT, cache)
+        return self.apply_head(h), cache
+
+
+def last_token_index(mask_BxT):
+    """Index of the last real token of each row (0 for an all-padding row)."""
+    t = mask_BxT.shape[-1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    return jnp.max(jnp.where(mask_BxT > 0, idx, 0), axis=-1)
+
+
+def gather_last(values_BxT, mask_BxT):
+    """values[b, last real token of row b] — the reward of a score head."""
+    idx = last_token_index(mask_BxT)
+    return jnp.take_along_axis(values_BxT, idx[:, None], axis=-1)[:, 0]
+
+
+def init_model(cfg: ModelConfig, head: str = "lm", seed: int = 0) -> Transformer:
+    """Creates a model with random weights (unsharded; see `jaxrlhf.sharding` for sharded)."""
+    return Transformer(cfg, head=head, rngs=nnx.Rngs(seed))
