@@ -42,6 +42,11 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std: Optional[float
     return nnx.Param(value, axes=tuple(axes))
 
 
+def _bcast(w, ndim: int):
+    """Explicitly prepends unit dims so `w` broadcasts against an ndim-rank activation."""
+    return w.reshape((1,) * (ndim - w.ndim) + w.shape)
+
+
 class Norm(nnx.Module):
     """RMSNorm (Llama, Qwen2) or LayerNorm with bias (GPT-2), computed in float32."""
 
@@ -57,12 +62,12 @@ class Norm(nnx.Module):
         x = x.astype(jnp.float32)
         if self.kind == "rms":
             x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-            return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+            return (x * _bcast(self.scale[...].astype(jnp.float32), x.ndim)).astype(dtype)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32)).astype(dtype)
+        return (x * _bcast(self.scale[...].astype(jnp.float32), x.ndim)
+                + _bcast(self.bias[...].astype(jnp.float32), x.ndim)).astype(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -127,9 +132,9 @@ class Attention(nnx.Module):
         k = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dke->btke", x_BxTxD, self.wv[...].astype(dt))
         if cfg.qkv_bias:
-            q = q + self.bq[...].astype(dt)
-            k = k + self.bk[...].astype(dt)
-            v = v + self.bv[...].astype(dt)
+            q = q + _bcast(self.bq[...].astype(dt), 4)
+            k = k + _bcast(self.bk[...].astype(dt), 4)
+            v = v + _bcast(self.bv[...].astype(dt), 4)
         if cfg.positions == "rope":
             inv_freq = rope_inv_freq(cfg)
             q = apply_rope(q, positions_BxT, inv_freq)
@@ -149,7 +154,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh).reshape(b, t, h, dh)
         out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
         if cfg.out_bias:
-            out = out + self.bo[...].astype(dt)
+            out = out + _bcast(self.bo[...].astype(dt), 3)
         return out
 
 
@@ -180,7 +185,9 @@ class MLP(nnx.Module):
 
         def dense(x, name):  # x @ w_<name> (+ b_<name> when the config has MLP biases)
             y = x @ getattr(self, "w_" + name)[...].astype(dt)
-            return y + getattr(self, "b_" + name)[...].astype(dt) if cfg.mlp_bias else y
+            if not cfg.mlp_bias:
+                return y
+            return y + _bcast(getattr(self, "b_" + name)[...].astype(dt), y.ndim)
 
         if cfg.mlp == "swiglu":
             h = jax.nn.silu(dense(x_BxTxD, "gate")) * dense(x_BxTxD, "up")

@@ -1,0 +1,137 @@
+"""Model invariants: padding invariance, KV cache == full forward, heads, remat, dtypes.
+
+HF parity of the three families lives in test_hf_io.py (committed fixtures).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrlhf.models import ModelConfig, gather_last, init_model, positions_from_mask, preset
+
+# A few small configs covering every architectural switch (keep shapes few: compile time).
+CONFIGS = {
+    "llama": preset("tiny", d_model=64, mlp_dim=96, n_layers=2),
+    "qwen2_llama3rope": preset("tiny", d_model=64, mlp_dim=96, n_layers=2, family="qwen2",
+                               qkv_bias=True, tie_embeddings=True,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8}),
+    "gpt2": ModelConfig(family="gpt2", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                        mlp_dim=128, norm="layer", mlp="gelu", positions="learned",
+                        max_positions=32, qkv_bias=True, out_bias=True, mlp_bias=True,
+                        tie_embeddings=True),
+}
+
+
+def _tokens(b, t, seed=0, vocab=256):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab, dtype=jnp.int32)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+    return init_model(CONFIGS[request.param], seed=1)
+
+
+def test_num_params_matches_config(model):
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    assert n == model.cfg.num_params("lm")
+
+
+def test_left_padding_invariance(model):
+    """A row alone and the same row left-padded inside a batch give the same logits."""
+    toks = _tokens(2, 12)
+    alone = model(toks[:1, :9])
+    pad = 3
+    padded = jnp.concatenate([jnp.full((1, pad), 256, jnp.int32), toks[:1, :9]], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), jnp.ones((1, 9), jnp.int32)], 1)
+    batch_toks = jnp.concatenate([padded, toks[1:]], axis=0)
+    batch_mask = jnp.concatenate([mask, jnp.ones((1, 12), jnp.int32)], axis=0)
+    out = model(batch_toks, batch_mask)
+    np.testing.assert_allclose(out[0, pad:], alone[0], atol=1e-5, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(out)))  # pad query rows are finite garbage, not NaN
+
+
+def test_kv_cache_matches_full_forward(model):
+    """Prefill a left-padded prompt, decode token by token: logits equal the full forward."""
+    b, t, p = 2, 10, 5
+    toks = _tokens(b, t, seed=2)
+    mask = jnp.ones((b, t), jnp.int32).at[0, :2].set(0)  # row 0 left-padded by 2
+    pos = positions_from_mask(mask)
+    full = model(toks, mask)
+    cache = model.init_cache(b, t + 2)
+    out, cache = model.decode(toks[:, :p], mask[:, :p], pos[:, :p], cache)
+    outs = [out]
+    for i in range(p, t):
+        o, cache = model.decode(toks[:, i:i + 1], mask[:, i:i + 1], pos[:, i:i + 1], cache)
+        outs.append(o)
+    got = jnp.concatenate(outs, axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(full)[real], atol=2e-5,
+                               rtol=1e-4)
+    assert int(cache.index) == t
+
+
+def test_score_head_and_last_token():
+    cfg = CONFIGS["llama"]
+    m = init_model(cfg, head="score", seed=3)
+    toks = _tokens(3, 8, seed=4)
+    mask = jnp.array([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]], jnp.int32)
+    scores = m(toks, mask)
+    assert scores.shape == (3, 8) and scores.dtype == jnp.float32
+    r = gather_last(scores, mask)
+    np.testing.assert_allclose(r, [scores[0, 7], scores[1, 7], scores[2, 4]])
+    # Right padding does not change the reward of the right-padded row.
+    alone = m(toks[2:3, :5])
+    np.testing.assert_allclose(r[2], alone[0, 4], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_same_loss_and_grads(remat):
+    cfg = CONFIGS["llama"]
+    toks = _tokens(2, 8, seed=5)
+
+    def loss_and_grad(c):
+        m = init_model(c, seed=6)
+        g, s = nnx.split(m)
+
+        def loss(st):
+            return jnp.mean(nnx.merge(g, st)(toks) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(s)
+
+    l0, g0 = loss_and_grad(cfg)
+    l1, g1 = loss_and_grad(cfg.replace(remat=remat))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_bf16_compute_close_to_fp32():
+    cfg = CONFIGS["llama"]
+    toks = _tokens(2, 8, seed=7)
+    f32 = init_model(cfg, seed=8)(toks)
+    bf = init_model(cfg.replace(dtype="bfloat16"), seed=8)(toks)
+    assert bf.dtype == jnp.float32  # logits always float32
+    np.testing.assert_allclose(bf, f32, atol=0.05 * float(jnp.abs(f32).max()))
+
+
+def test_compile_time_flat_in_depth():
+    """Layers are scanned: the jaxpr of an 8-layer model is no bigger than a 2-layer one."""
+    def n_eqns(n_layers):
+        m = init_model(CONFIGS["llama"].replace(n_layers=n_layers), seed=0)
+        g, s = nnx.split(m)
+        return len(jax.make_jaxpr(lambda st: nnx.merge(g, st)(_tokens(1, 4)))(s).eqns)
+
+    assert n_eqns(8) == n_eqns(2)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="family"):
+        ModelConfig(family="mamba")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="remat"):
+        ModelConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="preset"):
+        preset("huge")
