@@ -1,0 +1,145 @@
+"""The base config every `configs/<name>.py` starts from, with every default documented.
+
+    config = base_config("sft")       # an ml_collections.ConfigDict
+    config.train.steps = 500
+
+Fields (`--config.<field>=value` overrides any of them from the command line; unknown fields
+are an error):
+
+  stage        "sft" | "rm" | "ppo" | "pipeline"
+  seed         seeds init, data order and sampling; the same seed gives the same run
+  init_from    "" (fresh init from `model`), a local HF directory (config.json + safetensors),
+               or a jaxrlhf stage directory (its exported `hf/` is used)
+  tokenizer    "byte" (built-in), a local HF tokenizer directory, or "auto" (the init_from
+               directory's tokenizer when it has one, else the tokenizer recorded there, else
+               "byte")
+  model        architecture when init_from is empty: `preset` ("tiny"|"small"|"base"|"1b")
+               plus any `ModelConfig` field to override (None = the preset's value);
+               `dtype` / `param_dtype` / `remat` also apply to a model loaded from init_from
+  data         the training data block (`jaxrlhf.data.default_data_config`); `eval_data` the
+               held-out block (path "" = hold out `eval_fraction` of the training rows)
+  train        optimisation: batch_size (global), steps, grad_accum (micro-batches per step,
+               exact: losses are normalised by the whole batch's token/prompt count), lr,
+               warmup_steps, min_lr_ratio (cosine floor), weight_decay, b1, b2, eps,
+               grad_clip (global norm; 0 = off), log_every, eval_every, eval_batches
+               (0 = the whole held-out set), save_every, max_to_keep,
+               on_nonfinite ("stop": raise naming the step and batch | "skip": leave the
+               state unchanged for that step and count it)
+  mesh         device mesh axis sizes {data, fsdp, tensor}; one may be -1 (= the rest)
+  distributed  call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is
+               set in the environment)
+  sft / rm     stage-specific options (see `jaxrlhf.trainers.sft` / `.reward`)
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxrlhf.models.config import ModelConfig
+
+STAGES = ("sft", "rm", "ppo", "pipeline")
+
+
+def _model_block() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.preset = "tiny"
+    hints = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        t = hints[f.name]
+        base = {int: int, float: float, str: str, bool: bool}.get(t)
+        if base is None:  # Optional[...] / tuples: accept any object
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            base = args[0] if args and args[0] in (int, float, str, bool) else object
+        m[f.name] = config_dict.placeholder(base)
+    return m
+
+
+def model_config_from(block, base: ModelConfig | None = None) -> ModelConfig:
+    """ModelConfig from a `config.model` block: preset (or `base`) + non-None overrides."""
+    from jaxrlhf.models.config import preset
+    d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+    name = d.pop("preset", "tiny")
+    overrides = {k: v for k, v in d.items() if v is not None}
+    if base is not None:
+        return base.replace(**overrides)
+    return preset(name, **overrides)
+
+
+def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
+    from jaxrlhf.data import default_data_config
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+    c.init_from = ""
+    c.tokenizer = "byte"
+    c.model = _model_block()
+
+    c.data = default_data_config()
+    c.data.format = "sft" if stage == "sft" else "ranking"
+    c.eval_data = default_data_config()
+    c.eval_data.path = ""
+    c.eval_data.format = c.data.format
+    c.eval_fraction = 0.05
+
+    t = c.train = ml_collections.ConfigDict()
+    t.batch_size = 32
+    t.steps = 1000
+    t.grad_accum = 1
+    t.lr = 1e-3
+    t.warmup_steps = 50
+    t.min_lr_ratio = 0.1
+    t.weight_decay = 0.01
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.grad_clip = 1.0
+    t.log_every = 50
+    t.eval_every = 250
+    t.eval_batches = 0
+    t.save_every = 500
+    t.max_to_keep = 2
+    t.on_nonfinite = "stop"
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = False
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.export_hf = True
+
+    r = c.rm = ml_collections.ConfigDict()
+    r.tie_mode = "skip"          # ties give no pair ("skip") or a 0.5 soft label ("soft")
+    r.margin = 0.0               # constant margin m in -log σ(r_w - r_l - m)
+    r.label_smoothing = 0.0      # ε in -(1-ε) log σ(Δ) - ε log σ(-Δ)
+    r.center_on_sft = True       # set the score bias so SFT demonstrations score 0 on average
+    r.center_data = default_data_config()   # SFT demonstrations used for centring
+    r.center_data.format = "sft"
+    r.center_examples = 512      # at most this many demonstrations are scored for centring
+    r.export_hf = True
+    return c
+
+
+def parse_arg(arg: str | None, **defaults):
+    """'a=1,b=x' -> ConfigDict(a=1, b='x') over `defaults` (big_vision's variant syntax)."""
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for kv in arg.split(","):
+        if "=" not in kv:
+            raise ValueError(f"Config variant {kv!r} must look like key=value.")
+        k, v = kv.split("=", 1)
+        if k not in out:
+            raise ValueError(f"Unknown config variant key {k!r}; valid keys: {sorted(out)}.")
+        cur = out[k]
+        if isinstance(cur, bool):
+            v = v.lower() in ("1", "true", "yes")
+        elif isinstance(cur, int):
+            v = int(v)
+        elif isinstance(cur, float):
+            v = float(v)
+        out[k] = v
+    return out

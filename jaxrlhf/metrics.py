@@ -1,0 +1,170 @@
+"""What the user sees while training: progress bar, metric lines, JSONL, TensorBoard, plots.
+
+Files written into a stage directory:
+  metrics.jsonl   one JSON object per logged step: {"step": n, "split": "train"|"eval", ...}
+  events.*        TensorBoard event files (tensorboardX)
+  summary.json    final metrics, wall time, and the stage's key results
+  curves.png      loss / accuracy (or reward / KL) curves
+
+On resume, metric lines beyond the restored step are dropped so that the file equals the one
+an uninterrupted run would have written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+def _to_float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+class MetricsLogger:
+    """Writes metrics to JSONL + TensorBoard and drives a tqdm progress bar with ETA."""
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+                 desc: str = "train", log_every: int = 10, tensorboard: bool = True,
+                 is_main: bool = True, stream=None):
+        self.workdir = workdir
+        self.is_main = is_main
+        self.log_every = max(1, log_every)
+        self.desc = desc
+        self.stream = stream or sys.stderr
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._t0 = time.time()
+        self._tb = None
+        self._bar = None
+        if not is_main:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._truncate_after(start_step)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+            except ImportError:  # optional: JSONL is the source of truth
+                self._tb = None
+        try:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+                             dynamic_ncols=True, file=self.stream, mininterval=1.0,
+                             disable=os.environ.get("JAXRLHF_NO_PROGRESS") == "1")
+        except ImportError:
+            self._bar = None
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def write(self, step: int, metrics: Mapping[str, float], split: str = "train",
+              echo: Optional[bool] = None) -> None:
+        """Appends one metrics line; prints it every `log_every` steps (or when `echo`)."""
+        if not self.is_main:
+            return
+        row = {"step": int(step), "split": split}
+        row.update({k: _to_float(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "split") and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+        if echo is None:
+            echo = split != "train" or step % self.log_every == 0
+        if echo:
+            self.print(f"[{self.desc}] step {step} {split}: " + format_metrics(metrics))
+
+    def print(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self._t0
+
+
+def format_metrics(metrics: Mapping[str, float], keys: Optional[Iterable[str]] = None) -> str:
+    keys = list(keys or metrics.keys())
+    parts = []
+    for k in keys:
+        v = _to_float(metrics[k])
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def read_metrics(path: str):
+    """All rows of a metrics.jsonl file (a stage dir or the file itself)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def write_summary(workdir: str, summary: Mapping) -> str:
+    path = os.path.join(workdir, "summary.json")
+    with open(path, "w") as f:
+        json.dump({k: _to_float(v) for k, v in summary.items()}, f, indent=2, sort_keys=True)
+    return path
+
+
+def plot_curves(workdir: str, panels: Sequence[Sequence[str]], filename: str = "curves.png",
+                title: str = "") -> Optional[str]:
+    """One subplot per panel; each panel lists metric keys (train and eval rows both drawn)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
+    panels = [p for p in panels if any(k in r for r in rows for k in p)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            for split, style in (("train", "-"), ("eval", "o-")):
+                pts = [(r["step"], r[key]) for r in rows
+                       if r.get("split") == split and isinstance(r.get(key), (int, float))]
+                if pts:
+                    xs, ys = np.array(pts, dtype=float).T
+                    ax.plot(xs, ys, style, label=f"{split} {key}", markersize=3,
+                            alpha=0.9 if split == "eval" else 0.6)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,453 @@
+"""What SFT, reward-model and PPO training share: model setup, optimizer, train state,
+exact gradient accumulation, sharded jit, the checkpointed train loop.
+
+Train state: a plain dict pytree {"step", "params", "opt_state", "rng"} (PPO adds more), so
+it checkpoints with orbax as it is. `params` is the model's pure state dict
+(`nnx.to_pure_dict`); the jitted step rebuilds the module with `nnx.merge(graphdef, params)`.
+Randomness inside a step is `jax.random.fold_in(state["rng"], state["step"])`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrlhf import sharding as shd
+from jaxrlhf.checkpoint import Checkpointer, abstract_like
+from jaxrlhf.config import model_config_from
+from jaxrlhf.metrics import MetricsLogger, format_metrics
+from jaxrlhf.models.config import ModelConfig
+
+META_FILE = "jaxrlhf.json"   # written next to an HF export: tokenizer and stage provenance
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM: the state was saved; re-running the command resumes."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed set-up, mesh and tokenizer.
+
+def maybe_initialize_distributed(config) -> None:
+    """jax.distributed.initialize() when the config or the environment asks for it."""
+    wanted = bool(config.get("distributed", False)) or bool(
+        os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if not wanted:
+        return
+    try:
+        if jax.distributed.is_initialized():
+            return
+    except AttributeError:  # older jax
+        pass
+    jax.distributed.initialize()
+
+
+def mesh_from_config(config) -> Mesh:
+    return shd.make_mesh(dict(config.mesh))
+
+
+def resolve_init_dir(init_from: str) -> str:
+    """A stage directory means its HF export; anything else must be an HF directory."""
+    if not init_from:
+        return ""
+    path = os.path.abspath(os.path.expanduser(init_from))
+    if os.path.isdir(os.path.join(path, "hf")):
+        path = os.path.join(path, "hf")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"init_from={init_from!r} does not exist. Give a local Hugging Face directory "
+            "(config.json + *.safetensors) or a jaxrlhf stage directory with an hf/ export.")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"init_from={init_from!r} has no config.json; it must be a local Hugging Face "
+            "model directory or a finished jaxrlhf stage directory.")
+    return path
+
+
+def read_meta(hf_dir: str) -> dict:
+    p = os.path.join(hf_dir, META_FILE)
+    if hf_dir and os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}
+
+
+def tokenizer_spec(config, init_dir: str = "") -> str:
+    """The tokenizer to use: explicit, or for "auto" the init_from directory's."""
+    spec = config.tokenizer
+    if spec != "auto":
+        return spec
+    if init_dir and any(os.path.exists(os.path.join(init_dir, f))
+                        for f in ("tokenizer.json", "tokenizer_config.json")):
+        return init_dir
+    return read_meta(init_dir).get("tokenizer", "byte")
+
+
+def check_tokenizer(tokenizer, model_cfg: ModelConfig, init_dirs: Mapping[str, str]) -> None:
+    """Start-up checks: vocabulary fits the model; all init_from models share the tokenizer."""
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size}; use the tokenizer the model was trained with "
+            "(config.tokenizer) or a model with a larger vocabulary.")
+    fp = tokenizer.fingerprint()
+    for name, d in init_dirs.items():
+        recorded = read_meta(d).get("tokenizer_fingerprint")
+        if recorded and recorded != fp:
+            raise ValueError(
+                f"Tokenizer mismatch: {name} ({d}) was trained with tokenizer "
+                f"{read_meta(d).get('tokenizer')!r} (fingerprint {recorded[:12]}), but this run "
+                f"uses {fp[:12]}. Policy, reference, critic and reward model must share one "
+                "tokenizer: set config.tokenizer to the one recorded in "
+                f"{os.path.join(d, META_FILE)}.")
+
+
+def build_model(config, head: str, mesh: Mesh, *, init_dir: str = "", seed: int = 0,
+                rules=None):
+    """Model from init_from (sharded HF load) or a fresh sharded init."""
+    from jaxrlhf.models import load_hf
+    m = config.model
+    if init_dir:
+        kw = {}
+        if m.get("dtype") is not None:
+            kw["dtype"] = m.dtype
+        if m.get("param_dtype") is not None:
+            kw["param_dtype"] = m.param_dtype
+        model = load_hf(init_dir, head=head, mesh=mesh, rules=rules, **kw)
+        if m.get("remat") is not None and m.remat != model.cfg.remat:
+            model.cfg = model.cfg.replace(remat=m.remat)
+        return model
+    cfg = model_config_from(m)
+    return shd.init_sharded(cfg, head, seed=seed, mesh=mesh, rules=rules)
+
+
+def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
+                       stage: str, extra: Optional[dict] = None) -> str:
+    """save_hf + a jaxrlhf.json recording the tokenizer (and HF tokenizer files if any)."""
+    from jaxrlhf.models import save_hf
+    if jax.process_index() == 0:
+        save_hf(model, out_dir)
+        hf_tok = getattr(tokenizer, "hf", None) or getattr(tokenizer, "_tok", None)
+        if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
+            hf_tok.save_pretrained(out_dir)
+        meta = {"stage": stage, "tokenizer": tokenizer_spec_,
+                "tokenizer_fingerprint": tokenizer.fingerprint()}
+        meta.update(extra or {})
+        with open(os.path.join(out_dir, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Optimizer and state.
+
+def make_optimizer(train_cfg, *, lr: Optional[float] = None, steps: Optional[int] = None):
+    """AdamW with linear warmup + cosine decay and global-norm clipping. Returns
+    (optimizer, schedule). Norm scales, biases and other 1-D params get no weight decay."""
+    lr = train_cfg.lr if lr is None else lr
+    steps = max(int(train_cfg.steps if steps is None else steps), 1)
+    warmup = min(int(train_cfg.warmup_steps), max(steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+        decay_steps=steps, end_value=lr * float(train_cfg.min_lr_ratio))
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[-1] != 1, params)
+
+    chain = []
+    if train_cfg.grad_clip:
+        chain.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+    chain.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                             weight_decay=train_cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*chain), schedule
+
+
+def params_of(model) -> Dict[str, Any]:
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def param_shardings(model, mesh: Mesh, rules=None):
+    return nnx.to_pure_dict(shd.state_shardings(nnx.state(model), mesh, rules))
+
+
+def opt_state_shardings(optimizer, params, params_sh, mesh: Mesh):
+    """Shardings of the optimizer state: param-shaped leaves follow their param."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    rep = NamedSharding(mesh, P())
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, params_sh,
+                                 transform_non_params=lambda _: rep)
+
+
+def init_train_state(params, optimizer, params_sh, mesh: Mesh, seed: int):
+    """{"step", "params", "opt_state", "rng"} laid out on the mesh, plus its shardings."""
+    rep = NamedSharding(mesh, P())
+    os_sh = opt_state_shardings(optimizer, params, params_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=os_sh)(params)
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params,
+             "opt_state": opt_state,
+             "rng": jax.device_put(jax.random.PRNGKey(seed), rep)}
+    shardings = {"step": rep, "params": params_sh, "opt_state": os_sh, "rng": rep}
+    return state, shardings
+
+
+def global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str):
+    """One optimizer update with norms logged; under "skip" a non-finite loss or gradient
+    leaves params and optimizer state unchanged (step still advances)."""
+    updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    gnorm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    if on_nonfinite == "skip":
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params = keep(new_params, state["params"])
+        new_opt = keep(new_opt, state["opt_state"])
+    new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=new_opt)
+    metrics = {"grad_norm": gnorm, "param_norm": global_norm(new_params),
+               "update_norm": global_norm(updates), "lr": schedule(state["step"]),
+               "finite": finite.astype(jnp.float32)}
+    return new_state, metrics
+
+
+def accumulate(sum_fn: Callable, params, batch, n_micro: int):
+    """Σ over micro-batches of (value_and_grad of `sum_fn`, aux sums), by `lax.scan`.
+
+    `sum_fn(params, micro_batch) -> (loss_contribution, aux_dict)`; contributions are already
+    normalised by the WHOLE batch's count, so their sum equals the full-batch loss exactly
+    whatever `n_micro` (gradient-accumulation invariance).
+    """
+    vg = jax.value_and_grad(sum_fn, has_aux=True)
+    if n_micro == 1:
+        (loss, aux), grads = vg(params, batch)
+        return loss, aux, grads
+
+    def split(x):
+        if x.shape[0] % n_micro:
+            raise ValueError(f"Batch of {x.shape[0]} rows does not split into "
+                             f"grad_accum={n_micro} micro-batches.")
+        return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
+
+    micro = jax.tree.map(split, batch)
+    (loss0, aux0), g0 = jax.eval_shape(vg, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+
+    def body(carry, mb):
+        (loss, aux), grads = vg(params, mb)
+        acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
+        return acc, None
+
+    (loss, aux, grads), _ = jax.lax.scan(body, zeros((loss0, aux0, g0)), micro)
+    return loss, aux, grads
+
+
+def compile_step(step_fn: Callable, state_sh, batch_sh=None, *, donate: bool = True):
+    """jit with explicit in/out shardings; the state is donated (never frozen models).
+    `batch_sh=None` takes the batch's own sharding (see `to_global`)."""
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, None), donate_argnums=(0,) if donate else ())
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=None):
+    """This process's rows of the global batch -> global arrays sharded over (data, fsdp)."""
+    sh = shd.batch_sharding(mesh, rules)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+            for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# The checkpointed train loop.
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    last_metrics: Dict[str, float]
+    eval_metrics: Dict[str, float]
+    wall_time: float
+    skipped_steps: int
+
+
+class _SigtermFlag:
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not in the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train_loop(*, name: str, stage_dir: str, config, state, state_sh, step_fn: Callable,
+               train_iter, mesh: Mesh, eval_fn: Optional[Callable] = None,
+               total_steps: int, ckpt: Checkpointer, extra_meta: Optional[Callable] = None,
+               logger: Optional[MetricsLogger] = None) -> LoopResult:
+    """Runs `step_fn(state, batch)` from state["step"] to total_steps.
+
+    Metrics of step N are read after step N+1 is dispatched (logging never stalls the
+    device). A non-finite loss raises `NonFiniteLoss` naming the step and batch (or, with
+    train.on_nonfinite="skip", the step's update is dropped and counted). SIGTERM saves a
+    checkpoint and raises `Preempted`.
+    """
+    tc = config.train
+    start = int(jax.device_get(state["step"]))
+    is_main = jax.process_index() == 0
+    logger = logger or MetricsLogger(stage_dir, total_steps=total_steps, start_step=start,
+                                     desc=name, log_every=tc.log_every, is_main=is_main)
+    t0 = time.time()
+    skipped = 0
+    last: Dict[str, float] = {}
+    eval_metrics: Dict[str, float] = {}
+    pending = None
+
+    def meta():
+        m = {"train_iter": train_iter.state()}
+        if extra_meta is not None:
+            m.update(extra_meta())
+        return m
+
+    def flush(p):
+        nonlocal skipped, last
+        step_no, batch_pos, m = p
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        finite = m.pop("finite", 1.0) > 0 and math.isfinite(m.get("loss", 0.0))
+        if not finite:
+            if tc.on_nonfinite == "stop":
+                raise NonFiniteLoss(
+                    f"[{name}] non-finite loss or gradient at step {step_no} (batch epoch "
+                    f"{batch_pos['epoch']} position {batch_pos['position']}): loss="
+                    f"{m.get('loss')} grad_norm={m.get('grad_norm')}. Lower train.lr, check "
+                    "the data, or set train.on_nonfinite=skip to drop such steps.")
+            skipped += 1
+            logger.print(f"[{name}] step {step_no}: non-finite loss, update skipped "
+                         f"({skipped} so far)")
+        m["skipped_steps"] = float(skipped)
+        logger.write(step_no, m)
+        last = m
+
+    with _SigtermFlag() as sigterm:
+        for step in range(start, total_steps):
+            batch_pos = train_iter.state()
+            batch = to_global(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                flush(pending)
+            pending = (step + 1, batch_pos, metrics)
+            logger.advance()
+            done = step + 1
+            want_eval = eval_fn is not None and tc.eval_every and done % tc.eval_every == 0
+            if want_eval or ckpt.should_save(done) or sigterm.set or done == total_steps:
+                flush(pending)
+                pending = None
+            if want_eval or (eval_fn is not None and done == total_steps):
+                eval_metrics = eval_fn(state)
+                logger.write(done, eval_metrics, split="eval")
+            if ckpt.should_save(done) or done == total_steps:
+                ckpt.save(done, state, meta())
+            if sigterm.set:
+                ckpt.save(done, state, meta())
+                logger.print(f"[{name}] SIGTERM: saved checkpoint at step {done}; re-run the "
+                             "same command to resume.")
+                logger.close()
+                raise Preempted(f"{name} preempted at step {done}")
+        if pending is not None:
+            flush(pending)
+    if start >= total_steps and eval_fn is not None:
+        eval_metrics = eval_fn(state)
+    logger.close()
+    return LoopResult(state, last, eval_metrics, time.time() - t0, skipped)
+
+
+def restore_or_init(ckpt: Checkpointer, state, state_sh, train_iter, log=print):
+    """Latest checkpoint (onto the current mesh) if there is one, else the given state."""
+    step = ckpt.latest_step()
+    if step is None:
+        return state, {}
+    restored, meta = ckpt.restore(abstract_like(state, state_sh), step)
+    if "train_iter" in meta:
+        train_iter.restore(meta["train_iter"])
+    log(f"Resumed from checkpoint step {step} in {ckpt.directory}")
+    return restored, meta
+
+
+# ------------------------------------------------------------------------------------------
+# Data for a stage.
+
+def prepare_data(config, tokenizer, stage_dir: str, *, block: str = "data",
+                 eval_block: Optional[str] = "eval_data"):
+    """(train PreparedDataset, eval PreparedDataset or None) for a stage.
+
+    Held-out data: `eval_data.path` when set; for the built-in task its "test" split; for files
+    without an eval path, a seeded `eval_fraction` of the training rows (never trained on).
+    Only process 0 writes rejected rows.
+    """
+    from jaxrlhf.data import build_dataset
+    workdir = stage_dir if jax.process_index() == 0 else None
+    spec = tokenizer
+    train = build_dataset(config[block], spec, workdir=workdir)
+    if eval_block is None:
+        return train, None
+    ev = config[eval_block]
+    if ev.path:
+        return train, build_dataset(ev, spec, workdir=workdir)
+    if config[block].path == "synthetic":
+        ev = ev.copy_and_resolve_references()
+        ev.path, ev.split, ev.format = "synthetic", "test", config[block].format
+        ev.synthetic = config[block].synthetic
+        ev.synthetic.num_examples = max(64, config[block].synthetic.num_examples // 16)
+        for k in ("buckets", "max_len", "max_k", "truncation", "max_prompt_len"):
+            ev[k] = config[block][k]
+        return train, build_dataset(ev, spec, workdir=workdir)
+    frac = float(config.get("eval_fraction", 0.05))
+    n = len(train.rows)
+    n_eval = int(round(n * frac))
+    if n_eval == 0:
+        return train, None
+    perm = np.random.default_rng((int(config.seed), 7919)).permutation(n)
+    held = set(perm[:n_eval].tolist())
+    eval_ds = dataclasses.replace(train, rows=[r for i, r in enumerate(train.rows) if i in held])
+    train = dataclasses.replace(train, rows=[r for i, r in enumerate(train.rows) if i not in held])
+    return train, eval_ds
+
+
+def data_iterators(config, train_ds, eval_ds, *, batch_size: int):
+    pi, pc = jax.process_index(), jax.process_count()
+    train_iter = train_ds.iterator(batch_size, seed=int(config.seed), shuffle=True,
+                                   process_index=pi, process_count=pc)
+
+    def eval_batches():
+        if eval_ds is None:
+            return iter(())
+        it = eval_ds.iterator(batch_size, shuffle=False, drop_remainder=False,
+                              process_index=pi, process_count=pc, num_epochs=1)
+        n = int(config.train.eval_batches or 0)
+        return (b for i, b in enumerate(it) if not n or i < n)
+
+    return train_iter, eval_batches

@@ -1,0 +1,33 @@
+"""The stage runner: `run(config, workdir)` dispatches on `config.stage`.
+
+  sft       -> jaxrlhf.trainers.sft.run(config, workdir)
+  rm        -> jaxrlhf.trainers.reward.run(config, workdir)
+  ppo       -> jaxrlhf.trainers.ppo.run(config, workdir)          (PPO issue)
+  pipeline  -> sft -> rm -> ppo in workdir/{sft,rm,ppo}            (PPO issue)
+
+Every stage resumes from the latest checkpoint in its directory, so re-running the same
+command after an interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+STAGE_MODULES = {"sft": "jaxrlhf.trainers.sft", "rm": "jaxrlhf.trainers.reward",
+                 "ppo": "jaxrlhf.trainers.ppo", "pipeline": "jaxrlhf.trainers.pipeline"}
+
+
+def run(config, workdir: str):
+    stage = config.stage
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}.")
+    try:
+        module = importlib.import_module(STAGE_MODULES[stage])
+    except ModuleNotFoundError as e:
+        if e.name == STAGE_MODULES[stage]:
+            raise NotImplementedError(f"Stage {stage!r} is not available in this version of "
+                                      "jaxrlhf.") from e
+        raise
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    return module.run(config, workdir)

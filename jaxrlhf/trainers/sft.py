@@ -1,0 +1,116 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens (SPEC §1).
+
+Batch keys (from `jaxrlhf.data`): tokens, attention_mask, loss_mask [B, T]; loss_mask[t] = 1
+when tokens[t] is a target predicted from position t-1 (response tokens and their EOS, even
+when pad == eos). Loss = Σ masked NLL / number of target tokens of the whole batch, so
+gradient accumulation (train.grad_accum) gives the same loss and gradient.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.data import load_tokenizer
+from jaxrlhf.metrics import plot_curves, write_summary
+from jaxrlhf.objectives import token_logprobs
+from jaxrlhf.trainers import common
+
+
+def nll_sums(params, graphdef, batch):
+    """(Σ NLL over target tokens, number of target tokens) of a batch."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], batch["attention_mask"])
+    lp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
+    m = batch["loss_mask"][:, 1:] > 0
+    if "batch_mask" in batch:
+        m = m & (batch["batch_mask"][:, None] > 0)
+    return jnp.sum(jnp.where(m, -lp, 0.0)), jnp.sum(m.astype(jnp.float32))
+
+
+def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
+               on_nonfinite: str):
+    """step(state, batch) -> (state, metrics): one AdamW step on the masked LM loss."""
+    num_tokens = jnp.maximum(jnp.sum((batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)), 1.0)
+
+    def contribution(params, mb):
+        nll, n = nll_sums(params, graphdef, mb)
+        return nll / num_tokens, {"tokens": n}
+
+    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, on_nonfinite)
+    metrics.update(loss=loss, tokens=aux["tokens"])
+    return state, metrics
+
+
+def make_eval_fn(graphdef, eval_batches, mesh):
+    sums = jax.jit(functools.partial(nll_sums, graphdef=graphdef))
+
+    def evaluate(state):
+        tot, n = 0.0, 0.0
+        for b in eval_batches():
+            s, c = sums(state["params"], batch=common.to_global(b, mesh))
+            tot, n = tot + float(s), n + float(c)
+        if n == 0:
+            return {}
+        loss = tot / n
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": n}
+
+    return evaluate
+
+
+def run(config, stage_dir: str):
+    """Trains (or resumes) SFT in `stage_dir`; exports the model to `stage_dir/hf`."""
+    os.makedirs(stage_dir, exist_ok=True)
+    common.maybe_initialize_distributed(config)
+    mesh = common.mesh_from_config(config)
+    init_dir = common.resolve_init_dir(config.init_from)
+    tok_spec = common.tokenizer_spec(config, init_dir)
+    tokenizer = load_tokenizer(tok_spec)
+    model = common.build_model(config, "lm", mesh, init_dir=init_dir, seed=int(config.seed))
+    common.check_tokenizer(tokenizer, model.cfg, {"init_from": init_dir} if init_dir else {})
+    train_ds, eval_ds = common.prepare_data(config, tokenizer, stage_dir)
+    tc = config.train
+    train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
+                                                     batch_size=int(tc.batch_size))
+
+    graphdef = nnx.graphdef(model)
+    params = common.params_of(model)
+    params_sh = common.param_shardings(model, mesh)
+    optimizer, schedule = common.make_optimizer(tc)
+    state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
+                                              int(config.seed))
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
+                        save_every=tc.save_every)
+    state, _ = common.restore_or_init(ckpt, state, state_sh, train_iter)
+    step = common.compile_step(
+        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
+                          schedule=schedule, grad_accum=int(tc.grad_accum),
+                          on_nonfinite=tc.on_nonfinite),
+        state_sh, None)
+    result = common.train_loop(
+        name="sft", stage_dir=stage_dir, config=config, state=state, state_sh=state_sh,
+        step_fn=step, train_iter=train_iter, mesh=mesh,
+        eval_fn=make_eval_fn(graphdef, eval_batches, mesh) if eval_ds is not None else None,
+        total_steps=int(tc.steps), ckpt=ckpt)
+    ckpt.close()
+
+    model = nnx.merge(graphdef, result.state["params"])
+    if config.sft.export_hf:
+        common.export_stage_model(model, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
+                                  tokenizer_spec_=tok_spec, stage="sft")
+    summary = {"stage": "sft", "steps": int(tc.steps), "wall_time_s": result.wall_time,
+               "skipped_steps": result.skipped_steps,
+               **{f"train_{k}": v for k, v in result.last_metrics.items()},
+               **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
+               "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+               "data_rejected": train_ds.report.n_rejected}
+    if jax.process_index() == 0:
+        write_summary(stage_dir, summary)
+        plot_curves(stage_dir, [["loss"], ["perplexity"], ["grad_norm"]], title="SFT")
+    return summary, model
