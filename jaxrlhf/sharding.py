@@ -14,6 +14,7 @@ Typical use:
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
@@ -60,9 +61,15 @@ def make_mesh(axes: Optional[Mapping[str, int]] = None, devices=None) -> Mesh:
             raise ValueError(f"{len(devices)} devices cannot fill mesh {axes}.")
         sizes[free[0]] = len(devices) // known
     total = math.prod(sizes.values())
-    if total != len(devices):
+    if total > len(devices):
         raise ValueError(f"Mesh {sizes} needs {total} devices but {len(devices)} are available; "
                          "set one axis to -1 to absorb the rest.")
+    if total < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(f"Mesh {sizes} uses {total} of {len(devices)} devices; in a "
+                             "multi-process run the mesh must cover every device.")
+        logging.warning("Mesh %s uses only %d of %d devices.", sizes, total, len(devices))
+        devices = devices[:total]
     arr = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(arr, MESH_AXES)
 

@@ -66,8 +66,9 @@ def test_non_dividing_axes_are_replicated():
 
 
 def test_make_mesh_errors():
-    with pytest.raises(ValueError, match="needs 6 devices"):
-        sh.make_mesh({"data": 3, "fsdp": 2})
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sh.make_mesh({"data": 8, "fsdp": 2})
+    assert sh.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}).devices.size == 1
     with pytest.raises(ValueError, match="Unknown mesh axes"):
         sh.make_mesh({"model": 8})
     assert sh.make_mesh({"data": 2, "tensor": -1}).shape["tensor"] == 4

@@ -2,6 +2,8 @@
 from jaxrlhf.models.config import ModelConfig, preset
 from jaxrlhf.models.transformer import (KVCache, Transformer, gather_last, init_model,
                                         last_token_index, positions_from_mask)
+from jaxrlhf.models.hf_io import config_from_hf, config_to_hf, load_hf, save_hf
 
 __all__ = ["ModelConfig", "preset", "KVCache", "Transformer", "gather_last", "init_model",
-           "last_token_index", "positions_from_mask"]
+           "last_token_index", "positions_from_mask", "config_from_hf", "config_to_hf", "load_hf",
+           "save_hf"]

@@ -1,0 +1,151 @@
+"""Builds the tiny Hugging Face reference checkpoints under tests/fixtures/hf/ (needs torch).
+
+    python tools/make_hf_fixtures.py [--out tests/fixtures/hf]
+
+Each fixture is a directory written by the model's own `save_pretrained` (float32) plus
+`reference.npz` with the HF outputs that `tests/test_hf_io.py` compares against (the tests
+themselves never import torch):
+
+    tokens, mask                          an unpadded batch (mask all ones)
+    logits                                [B,T,V] (causal LM) or [B,T] scores (score head
+                                          applied at every position)
+    padded_tokens, padded_mask            a LEFT-padded batch
+    padded_logits                         HF outputs with the attention mask and
+                                          position_ids = clip(cumsum(mask) - 1, 0) passed
+                                          explicitly (what HF `generate` does)
+    pooled_scores, padded_pooled_scores   sequence-classification models only: HF's own
+                                          pooled score at the last non-pad token
+
+HF initialises biases to zero and norms to one, and uses small init ranges; every parameter
+is redrawn here (norm scales ~ 1 + noise, biases ~ noise) so the tests really check them.
+`versions.json` records the torch/transformers versions used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+import transformers
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          LlamaForSequenceClassification, Qwen2Config, Qwen2ForCausalLM)
+
+SEED = 1234
+PAD = 0  # pad id used in every padded batch; real tokens are drawn from [1, V)
+
+
+def _fixtures():
+    """name -> (model class, config, save kwargs)."""
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
+                  eos_token_id=2)
+    return {
+        # (a) GQA, untied, llama3 rope scaling, saved in several shards.
+        "llama_gqa_sharded": (LlamaForCausalLM, LlamaConfig(
+            **common, num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5,
+            rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=16)),
+            dict(max_shard_size="40KB")),
+        # (b) tied embeddings, single file; attention/MLP biases on (Llama allows both).
+        "llama_tied": (LlamaForCausalLM, LlamaConfig(
+            **common, num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True,
+            mlp_bias=True, rms_norm_eps=1e-6,
+            rope_parameters=dict(rope_type="default", rope_theta=500000.0)), {}),
+        # (c) Qwen2: q/k/v biases, no o_proj bias.
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config(
+            **common, num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-6,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0)), {}),
+        # (d) GPT-2: LayerNorm, learned positions, gelu_new, Conv1D, tied.
+        "gpt2": (GPT2LMHeadModel, GPT2Config(
+            vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+            eos_token_id=2), {}),
+        # (e) reward-model style: Llama sequence classification, one label, pad id set.
+        "llama_seqcls": (LlamaForSequenceClassification, LlamaConfig(
+            **common, num_key_value_heads=2, tie_word_embeddings=False, num_labels=1,
+            pad_token_id=PAD, rms_norm_eps=1e-5), {}),
+    }
+
+
+def _randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Redraws every parameter with non-trivial values (tied parameters are visited once)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith(".bias"):
+                value = 0.2 * noise
+            elif "norm" in name or ".ln_" in name:
+                value = 1.0 + 0.2 * noise
+            elif "embed" in name or ".wte." in name or ".wpe." in name:
+                value = 0.5 * noise
+            else:
+                value = 0.2 * noise
+            p.copy_(value)
+
+
+def _batches(vocab: int, rng: np.random.Generator):
+    tokens = rng.integers(1, vocab, size=(2, 8)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    lengths = [10, 7, 4]  # real tokens per row of the left-padded batch
+    t = max(lengths)
+    padded_tokens = np.full((len(lengths), t), PAD, np.int32)
+    padded_mask = np.zeros((len(lengths), t), np.int32)
+    for row, n in enumerate(lengths):
+        padded_tokens[row, t - n:] = rng.integers(1, vocab, size=n)
+        padded_mask[row, t - n:] = 1
+    return tokens, mask, padded_tokens, padded_mask
+
+
+def _forward(model, tokens, mask):
+    """Per-position outputs (logits or scores) with explicit positions, plus pooled scores."""
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    att = torch.as_tensor(mask, dtype=torch.long)
+    pos = torch.clamp(torch.cumsum(att, -1) - 1, min=0)
+    with torch.no_grad():
+        if hasattr(model, "score"):  # sequence classification: score at every position
+            base = model.base_model(input_ids=ids, attention_mask=att, position_ids=pos)
+            per_pos = model.score(base.last_hidden_state)[..., 0]
+            pooled = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, 0]
+            return per_pos.numpy(), pooled.numpy()
+        out = model(input_ids=ids, attention_mask=att, position_ids=pos).logits
+        return out.numpy(), None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests",
+                                                      "fixtures", "hf"))
+    args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    for index, (name, (cls, config, save_kw)) in enumerate(_fixtures().items()):
+        torch.manual_seed(SEED + index)
+        gen = torch.Generator().manual_seed(SEED + index)
+        model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        _randomise(model, gen)
+        path = os.path.join(out, name)
+        shutil.rmtree(path, ignore_errors=True)
+        model.save_pretrained(path, **save_kw)
+        tokens, mask, padded_tokens, padded_mask = _batches(
+            config.vocab_size, np.random.default_rng(SEED + index))
+        logits, pooled = _forward(model, tokens, mask)
+        padded_logits, padded_pooled = _forward(model, padded_tokens, padded_mask)
+        ref = dict(tokens=tokens, mask=mask, logits=logits, padded_tokens=padded_tokens,
+                   padded_mask=padded_mask, padded_logits=padded_logits)
+        if pooled is not None:
+            ref.update(pooled_scores=pooled, padded_pooled_scores=padded_pooled)
+        np.savez_compressed(os.path.join(path, "reference.npz"), **ref)
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        print(f"{name:20s} {size / 1024:7.1f} KiB  {sorted(os.listdir(path))}")
+    with open(os.path.join(out, "versions.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
+                   "seed": SEED}, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
