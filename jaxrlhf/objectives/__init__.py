@@ -1,0 +1,46 @@
+"""Pure RLHF math (SPEC §1–2): every function is jit/vmap/sharding friendly and side-effect free.
+
+  stats.py          token_logprobs, entropy, masked_mean / masked_var / masked_whiten
+  ranking.py        pairwise / K-wise ranking losses (+ MOSS options), contrastive_loss
+  kl.py             kl_estimate (k1/k2/k3), kl_penalized_rewards
+  advantages.py     gae (reverse lax.scan), monte_carlo_advantages
+  aggregation.py    token_mean / seq_mean / seq_sum loss aggregation (micro-batch invariant)
+  ppo.py            ppo_policy_loss, value_loss, ptx_loss, ppo_ptx_objective
+  controllers.py    fixed / adaptive KL controllers (pytree state + pure update)
+  normalization.py  RunningMoments (Chan merge), reward_bias
+  registry.py       name -> function for "advantage", "kl", "loss_agg"
+"""
+from jaxrlhf.objectives import registry
+from jaxrlhf.objectives.advantages import gae, monte_carlo_advantages
+from jaxrlhf.objectives.aggregation import (DEFAULT_LOSS_AGG, aggregate, aggregation_denominators,
+                                            seq_mean, seq_sum, token_mean)
+from jaxrlhf.objectives.controllers import (AdaptiveKLController, FixedKLController,
+                                            KLControllerState, init_adaptive_kl_controller,
+                                            init_fixed_kl_controller, kl_controller_init,
+                                            kl_controller_update)
+from jaxrlhf.objectives.kl import (LOG_RATIO_CLAMP, clamped_log_ratio, kl_estimate, kl_k1, kl_k2,
+                                   kl_k3, kl_penalized_rewards, last_token_index)
+from jaxrlhf.objectives.normalization import (RunningMoments, normalize_with_moments,
+                                              reward_bias, running_moments_init,
+                                              running_moments_merge, running_moments_std,
+                                              running_moments_update)
+from jaxrlhf.objectives.ppo import ppo_policy_loss, ppo_ptx_objective, ptx_loss, value_loss
+from jaxrlhf.objectives.ranking import (contrastive_loss, kwise_ranking_loss,
+                                        pairwise_ranking_loss)
+from jaxrlhf.objectives.registry import get, names, register
+from jaxrlhf.objectives.stats import (entropy, masked_count, masked_mean, masked_sum, masked_var,
+                                      masked_whiten, token_logprobs)
+
+__all__ = [
+    "AdaptiveKLController", "DEFAULT_LOSS_AGG", "FixedKLController", "KLControllerState",
+    "LOG_RATIO_CLAMP", "RunningMoments", "aggregate", "aggregation_denominators",
+    "clamped_log_ratio", "contrastive_loss", "entropy", "gae", "get",
+    "init_adaptive_kl_controller", "init_fixed_kl_controller", "kl_controller_init",
+    "kl_controller_update", "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "kl_penalized_rewards",
+    "kwise_ranking_loss", "last_token_index", "masked_count", "masked_mean", "masked_sum",
+    "masked_var", "masked_whiten", "monte_carlo_advantages", "names", "normalize_with_moments",
+    "pairwise_ranking_loss", "ppo_policy_loss", "ppo_ptx_objective", "ptx_loss", "register",
+    "registry", "reward_bias", "running_moments_init", "running_moments_merge",
+    "running_moments_std", "running_moments_update", "seq_mean", "seq_sum", "token_logprobs",
+    "token_mean", "value_loss",
+]
