@@ -5,9 +5,13 @@
 Variants: size=tiny|small|base (fresh model), data=synthetic|hh|<path to a preference or ranking
 file>, init_from=<local HF dir or an SFT stage dir>, k=<responses per prompt (built-in task)>.
 """
+import os
+
 from jaxrlhf.config import base_config, parse_arg
 
-HH_DIR = "../shared/data/hh-rlhf-harmless"
+# The shared HH-RLHF harmless data sits beside the repository (../shared); read it in place.
+HH_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                       "shared", "data", "hh-rlhf-harmless"))
 
 
 def get_config(arg=None):

@@ -6,9 +6,13 @@
 Variants: size=tiny|small|base (fresh model), data=synthetic|hh|<path to a jsonl/json/parquet/csv
 file of {prompt, response} or {messages}>, init_from=<local HF dir> (tokenizer taken from it).
 """
+import os
+
 from jaxrlhf.config import base_config, parse_arg
 
-HH_DIR = "../shared/data/hh-rlhf-harmless"
+# The shared HH-RLHF harmless data sits beside the repository (../shared); read it in place.
+HH_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                       "shared", "data", "hh-rlhf-harmless"))
 
 
 def get_config(arg=None):
@@ -26,9 +30,13 @@ def get_config(arg=None):
     if a.data == "hh":
         # SFT on the chosen responses of the HH-RLHF harmless pairs.
         c.data.path = f"{HH_DIR}/train.jsonl.gz"
-        c.data.format = "hh_chosen"
+        c.data.format = "hh_sft"
+        c.data.on_bad_row = "skip"     # a few rows have empty or mismatched responses
+        c.data.buckets = (128, 256, 512)
+        c.eval_data.on_bad_row = "skip"
+        c.eval_data.buckets = (128, 256, 512)
         c.eval_data.path = f"{HH_DIR}/test.jsonl.gz"
-        c.eval_data.format = "hh_chosen"
+        c.eval_data.format = "hh_sft"
     elif a.data != "synthetic":
         c.data.path = a.data
     if a.init_from:

@@ -342,3 +342,21 @@ def test_truncated_gzip_is_refused_with_its_file(tmp_path):
     for mode in ("error", "skip"):
         with pytest.raises(BadRowError, match=r"cut\.jsonl\.gz:\d+: unreadable_file"):
             load_examples(path=str(path), format="sft", on_bad_row=mode)
+
+
+def test_hh_sft_and_prompt_formats_on_real_data():
+    """hh_sft / hh_prompt split HH transcripts like "hh" and keep the same bad-row rules."""
+    import os
+    from jaxrlhf.data import load_examples
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                        "hh-rlhf-harmless", "test.jsonl.gz")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data/hh-rlhf-harmless is absent on this machine")
+    pairs, rep_pairs = load_examples(path=path, format="hh", on_bad_row="skip")
+    sft, rep_sft = load_examples(path=path, format="hh_sft", on_bad_row="skip")
+    prompts, _ = load_examples(path=path, format="hh_prompt", on_bad_row="skip")
+    assert len(pairs) == len(sft) == len(prompts) == 197
+    assert dict(rep_sft.counts_by_reason) == dict(rep_pairs.counts_by_reason)
+    for p, s, q in zip(pairs, sft, prompts):
+        assert s["prompt"] == p["prompt"] == q["prompt"]
+        assert s["response"] == p["responses"][p["ranks"].index(0)]

@@ -31,9 +31,9 @@ from jaxrlhf.data.config import DataOptions, resolve_options
 from jaxrlhf.data.formats import LoadReport, _Bad, _public, load_examples, make_report
 from jaxrlhf.data.tokenizer import Tokenizer, load_tokenizer
 
-LM_FORMATS = ("sft", "ptx")
+LM_FORMATS = ("sft", "hh_sft", "ptx")
 RANKING_FORMATS = ("preference", "hh", "ranking")
-PROMPT_FORMATS = ("prompt",)
+PROMPT_FORMATS = ("prompt", "hh_prompt")
 
 Row = dict[str, Any]
 
@@ -178,7 +178,8 @@ def _count_cuts(report: LoadReport, prompt_cut: bool, response_cut: bool) -> Non
         report.truncation_counts["response_truncated"] += 1
 
 
-_TOKENIZERS = {"sft": _tokenize_sft, "ptx": _tokenize_ptx, "prompt": _tokenize_prompt,
+_TOKENIZERS = {"sft": _tokenize_sft, "hh_sft": _tokenize_sft, "ptx": _tokenize_ptx,
+               "prompt": _tokenize_prompt, "hh_prompt": _tokenize_prompt,
                **{f: _tokenize_ranking for f in RANKING_FORMATS}}
 
 

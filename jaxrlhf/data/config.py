@@ -4,7 +4,8 @@ Trainers embed `default_data_config()` as `config.data`. Every loader takes eith
 (a `ml_collections.ConfigDict` or any mapping) or plain keyword arguments, or both (keywords win):
 
   path          file, glob, directory (+ split), hub id, or "synthetic" (the built-in task)
-  format        "sft" | "preference" | "hh" | "ranking" | "prompt" | "ptx"
+  format        "sft" | "preference" | "hh" | "ranking" | "prompt" | "ptx"; and for HH-RLHF
+                transcripts also "hh_sft" (prompt + chosen response) and "hh_prompt" (prompt)
   split         picks `<dir>/<split>.*` for a directory, the hub split, or the synthetic stream
   fields        remapping {canonical name: column in the file}, e.g. {"prompt": "question"}
   on_bad_row    "error" (default: stop with file:line and reason) | "skip" (drop, count by
@@ -35,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-FORMATS = ("sft", "preference", "hh", "ranking", "prompt", "ptx")
+FORMATS = ("sft", "preference", "hh", "ranking", "prompt", "ptx", "hh_sft", "hh_prompt")
 TRUNCATION_POLICIES = ("left_prompt", "right_response", "drop")
 BAD_ROW_MODES = ("error", "skip")
 

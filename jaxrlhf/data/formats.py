@@ -474,7 +474,8 @@ def normalize_row(row: Any, fmt: str, fields: Mapping[str, str] | None = None,
         chosen = _text(_field(row, "chosen", fields), "chosen")
         rejected = _text(_field(row, "rejected", fields), "rejected")
         return _ranking(prompt, [chosen, rejected], [0, 1])
-    if fmt == "hh":
+    if fmt in ("hh", "hh_sft", "hh_prompt"):
+        # hh_sft: SFT on the chosen response; hh_prompt: the shared prefix as a PPO prompt.
         chosen = _text(_field(row, "chosen", fields), "chosen")
         rejected = _text(_field(row, "rejected", fields), "rejected")
         if chosen == rejected:
@@ -482,6 +483,10 @@ def normalize_row(row: Any, fmt: str, fields: Mapping[str, str] | None = None,
         prompt, resp_c, resp_r = split_hh(chosen, rejected)
         _text(resp_c, "chosen response")
         _text(resp_r, "rejected response")
+        if fmt == "hh_sft":
+            return {"prompt": prompt, "response": resp_c}
+        if fmt == "hh_prompt":
+            return {"prompt": prompt}
         return _ranking(prompt, [resp_c, resp_r], [0, 1])
     if fmt == "ranking":
         prompt = _text(_field(row, "prompt", fields), "prompt")

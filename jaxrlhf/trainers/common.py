@@ -420,7 +420,7 @@ def prepare_data(config, tokenizer, stage_dir: str, *, block: str = "data",
     if config[block].path == "synthetic":
         ev = ev.copy_and_resolve_references()
         ev.path, ev.split, ev.format = "synthetic", "test", config[block].format
-        ev.synthetic = config[block].synthetic
+        ev.synthetic = config[block].synthetic.copy_and_resolve_references()
         ev.synthetic.num_examples = max(64, config[block].synthetic.num_examples // 16)
         for k in ("buckets", "max_len", "max_k", "truncation", "max_prompt_len"):
             ev[k] = config[block][k]

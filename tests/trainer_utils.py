@@ -1,0 +1,38 @@
+"""Small shared helpers for trainer tests: tiny configs that compile fast on 2 CPU cores."""
+import importlib
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def load_config(name: str, arg: str | None = None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def shrink(c, steps: int = 6, batch_size: int = 8):
+    """Make any config tiny: 2-layer d=32 model, few steps, few examples, one mesh device."""
+    if not c.init_from:
+        c.model.d_model = 32
+        c.model.n_layers = 2
+        c.model.n_heads = 2
+        c.model.n_kv_heads = 1
+        c.model.mlp_dim = 64
+    c.train.steps = steps
+    c.train.batch_size = batch_size
+    c.train.warmup_steps = 2
+    c.train.log_every = 1
+    c.train.eval_every = 3
+    c.train.save_every = 3
+    c.train.eval_batches = 2
+    c.data.synthetic.num_examples = 64
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    return c
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
