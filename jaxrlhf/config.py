@@ -80,7 +80,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c.model = _model_block()
 
     c.data = default_data_config()
-    c.data.format = "sft" if stage == "sft" else "ranking"
+    c.data.format = {"sft": "sft", "rm": "ranking"}.get(stage, "prompt")
     c.eval_data = default_data_config()
     c.eval_data.path = ""
     c.eval_data.format = c.data.format
@@ -120,7 +120,56 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     r.center_data.format = "sft"
     r.center_examples = 512      # at most this many demonstrations are scored for centring
     r.export_hf = True
+
+    c.ppo = ppo_block()
+    c.ptx_data = default_data_config()      # pretraining text for the ptx term (ppo.ptx_coef)
+    c.ptx_data.format = "ptx"
     return c
+
+
+def ppo_block() -> ml_collections.ConfigDict:
+    """PPO-ptx options (SPEC §1); every default documented here."""
+    p = ml_collections.ConfigDict()
+    p.actor_init = ""          # SFT stage dir or HF dir: actor and frozen reference
+    p.reward_init = ""         # RM stage dir or HF dir (score head): frozen reward model
+    p.critic_init = ""         # "" = reward_init (InstructGPT: critic starts from the RM)
+    p.ref_init = ""            # "" = actor_init; iterated RLHF keeps the SFT model as reference
+    p.critic = "separate"      # "separate" model, or "shared": value head on the actor's trunk
+    p.iterations = 100         # PPO iterations (rollout + updates)
+    p.rollout_batch = 32       # prompts per iteration (global)
+    p.minibatch_size = 16      # rollouts per update (global); rollout_batch % minibatch_size == 0
+    p.ppo_epochs = 2           # passes over each rollout batch
+    p.grad_accum = 1           # micro-batches per update (exact)
+    p.max_new_tokens = 16
+    p.temperature = 1.0        # sampling distribution of the rollout AND of pi_old / pi_theta
+    p.top_k = 0
+    p.top_p = 1.0
+    p.kl_coef = 0.05           # beta (initial beta for the adaptive controller)
+    p.kl_estimator = "k1"      # "k1" | "k2" | "k3" per-token KL in the reward
+    p.kl_controller = "fixed"  # "fixed" | "adaptive" (Ziegler et al. 2019)
+    p.kl_target = 6.0          # adaptive: target KL per sequence (nats)
+    p.kl_horizon = 10000       # adaptive: horizon in samples
+    p.gamma = 1.0
+    p.lam = 0.95
+    p.clip_eps = 0.2
+    p.dual_clip = 0.0          # 0 = off; else the dual-clip constant c > 1 (Ye et al. 2020)
+    p.vf_clip_eps = 0.2
+    p.vf_coef = 0.5
+    p.entropy_coef = 0.0       # entropy bonus
+    p.ptx_coef = 0.0           # gamma_ptx; 0 = plain PPO
+    p.ptx_batch_size = 16
+    p.loss_agg = "token_mean"  # "token_mean" | "seq_mean" | "seq_sum"
+    p.whiten_advantages = True
+    p.reward_clip = 0.0        # 0 = off; else clip the score to +-reward_clip
+    p.reward_norm = "none"     # "none" | "running": divide scores by the running std (and
+                               # subtract the running mean) of all scores seen so far
+    p.missing_eos_penalty = 1.0  # subtracted from the score of a response without EOS
+    p.actor_lr = 1e-4
+    p.critic_lr = 1e-4
+    p.warmup_iterations = 0
+    p.sample_every = 10        # print / write sample generations every n iterations
+    p.gold_reward = True       # built-in task: log the gold reward of every rollout
+    return p
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -143,3 +192,29 @@ def parse_arg(arg: str | None, **defaults):
             v = float(v)
         out[k] = v
     return out
+
+
+def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
+    """Stage `pipeline`: full configs of the three stages under `pipeline.{sft,rm,ppo}`.
+
+    Top-level seed / mesh / distributed are copied into every stage. Iterated RLHF:
+      pipeline.iterations            rounds of (new comparisons -> RM -> PPO); 1 = plain pipeline
+      pipeline.comparisons_k         responses sampled per prompt for new comparisons
+      pipeline.comparisons_per_round prompts per round (built-in task)
+      pipeline.comparisons           user ranking files, one per round after the first
+      pipeline.rm_round_steps        RM steps per retraining round
+    Override a stage field with e.g. --config.pipeline.ppo.ppo.kl_coef=0.
+    """
+    c = ml_collections.ConfigDict()
+    c.stage = "pipeline"
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = False
+    p = c.pipeline = ml_collections.ConfigDict()
+    p.sft, p.rm, p.ppo = sft_cfg, rm_cfg, ppo_cfg
+    p.iterations = 1
+    p.comparisons_k = 4
+    p.comparisons_per_round = 512
+    p.comparisons = ()
+    p.rm_round_steps = 100
+    return c

@@ -187,11 +187,28 @@ def param_shardings(model, mesh: Mesh, rules=None):
 
 
 def opt_state_shardings(optimizer, params, params_sh, mesh: Mesh):
-    """Shardings of the optimizer state: param-shaped leaves follow their param."""
+    """Shardings of the optimizer state: a leaf whose key path ends with a parameter's path
+    (and has its shape) follows that parameter; everything else is replicated."""
     abstract = jax.eval_shape(optimizer.init, params)
     rep = NamedSharding(mesh, P())
-    return optax.tree_map_params(optimizer, lambda _, s: s, abstract, params_sh,
-                                 transform_non_params=lambda _: rep)
+
+    def dict_keys(path):
+        return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    by_path = {}
+    for (path, sh), p in zip(jax.tree_util.tree_flatten_with_path(params_sh)[0],
+                             jax.tree.leaves(params)):
+        by_path[dict_keys(path)] = (sh, tuple(p.shape))
+
+    def pick(path, leaf):
+        keys = dict_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[1] == tuple(leaf.shape):
+                return hit[0]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
 def init_train_state(params, optimizer, params_sh, mesh: Mesh, seed: int):
@@ -207,12 +224,14 @@ def init_train_state(params, optimizer, params_sh, mesh: Mesh, seed: int):
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
-def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str):
+def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str, *,
+                 counter: str = "step"):
     """One optimizer update with norms logged; under "skip" a non-finite loss or gradient
-    leaves params and optimizer state unchanged (step still advances)."""
+    leaves params and optimizer state unchanged (the `counter` entry still advances; the
+    schedule is read at its value before the update)."""
     updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     gnorm = global_norm(grads)
@@ -221,9 +240,10 @@ def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str):
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params = keep(new_params, state["params"])
         new_opt = keep(new_opt, state["opt_state"])
-    new_state = dict(state, step=state["step"] + 1, params=new_params, opt_state=new_opt)
+    new_state = dict(state, params=new_params, opt_state=new_opt)
+    new_state[counter] = state[counter] + 1
     metrics = {"grad_norm": gnorm, "param_norm": global_norm(new_params),
-               "update_norm": global_norm(updates), "lr": schedule(state["step"]),
+               "update_norm": global_norm(updates), "lr": schedule(state[counter]),
                "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 

@@ -1,0 +1,446 @@
+"""PPO-ptx with four models (SPEC §1, §3): actor (trained, from SFT), reference (frozen SFT),
+reward model (frozen), critic (trained, from the reward model; or a value head on the actor's
+trunk with `ppo.critic="shared"`).
+
+One iteration:
+  prompts (left-padded) -> `generate` (actor) -> one jitted scoring pass: π_old and π_ref
+  log-probs (the sampling distribution of `jaxrlhf.generation.sampling_logprobs`, so the first
+  minibatch has ratio 1), values, reward score -> score shaping (missing-EOS penalty, running
+  normalisation, clipping) -> per-token KL-penalised rewards -> GAE -> advantage whitening ->
+  ppo_epochs x minibatches of jitted actor + critic updates (+ the ptx LM loss on a pretraining
+  batch, weighted ppo.ptx_coef) -> KL controller update -> metrics.
+
+Train state (checkpointed, donated to the update step): {"step" (iterations done),
+"updates" (optimizer updates done), "params": {"actor", "critic"}, "opt_state", "rng",
+"kl_ctl", "reward_stats"}. The frozen
+reference and reward parameters are separate arguments and never donated. The prompt and ptx
+iterator positions are stored in the checkpoint's metadata: a resumed run equals the
+uninterrupted one.
+
+Token layout of a rollout: tokens [B, L = P + N] = left-padded prompt + response; the hidden
+state at position P - 1 + t predicts response token t, so response log-probs and values are
+read from positions P-1 .. L-2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrlhf import objectives as obj
+from jaxrlhf.checkpoint import Checkpointer, abstract_like
+from jaxrlhf.data import build_dataset, load_tokenizer
+from jaxrlhf.generation import generate, sampling_logprobs
+from jaxrlhf.metrics import MetricsLogger, plot_curves, write_summary
+from jaxrlhf.models import gather_last
+from jaxrlhf.trainers import common
+
+CRITIC_MODES = ("separate", "shared")
+
+
+# ------------------------------------------------------------------------------------------
+# Pure functions (jitted once at set-up).
+
+def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str):
+    """Actor logits [B, N, V] at the response positions and values [B, N]."""
+    actor = nnx.merge(graphdefs["actor"], params["actor"])
+    h = actor.hidden(tokens, mask)
+    h_resp = h[:, -n_resp - 1:-1]
+    logits = actor.apply_head(h_resp)
+    if critic == "shared":
+        w, b = params["critic"]["w"], params["critic"]["b"]
+        values = (h_resp @ w.astype(h_resp.dtype)).astype(jnp.float32) + b
+    else:
+        model = nnx.merge(graphdefs["critic"], params["critic"])
+        values = model(tokens, mask)[:, -n_resp - 1:-1]
+    return logits, values
+
+
+def _sampling_kw(opts):
+    return dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"])
+
+
+def make_experience(state, frozen, rollout, *, graphdefs, opts):
+    """The scoring pass + reward shaping + GAE: returns (experience, metrics, reward_stats)."""
+    tokens, mask = rollout["tokens"], rollout["mask"]
+    resp, resp_mask = rollout["response_tokens"], rollout["response_mask"]
+    n = resp.shape[1]
+    valid = resp_mask > 0
+    logits, values = policy_forward(state["params"], tokens, mask, n, graphdefs=graphdefs,
+                                    critic=opts["critic"])
+    old_logp = sampling_logprobs(logits, resp, **_sampling_kw(opts))
+    ref = nnx.merge(graphdefs["ref"], frozen["ref"])
+    ref_logits = ref.apply_head(ref.hidden(tokens, mask)[:, -n - 1:-1])
+    ref_logp = sampling_logprobs(ref_logits, resp, **_sampling_kw(opts))
+    rm = nnx.merge(graphdefs["reward"], frozen["reward"])
+    raw_score = gather_last(rm(tokens, mask), mask)
+
+    finished = rollout["finished"]
+    score = raw_score - opts["missing_eos_penalty"] * (1.0 - finished.astype(jnp.float32))
+    stats = obj.running_moments_update(state["reward_stats"], score)
+    if opts["reward_norm"] == "running":
+        score = obj.normalize_with_moments(score, stats)
+    rewards, km = obj.kl_penalized_rewards(
+        score, old_logp, ref_logp, valid, kl_coef=state["kl_ctl"].kl_coef,
+        kind=opts["kl_estimator"], score_clip=opts["reward_clip"] or None)
+    adv, returns = obj.gae(rewards, values, valid, gamma=opts["gamma"], lam=opts["lam"])
+    if opts["whiten_advantages"]:
+        adv = obj.masked_whiten(adv, valid)
+    ent = obj.entropy(logits, opts["temperature"])
+    exp = {"tokens": tokens, "mask": mask, "response_tokens": resp,
+           "response_mask": resp_mask, "old_logp": jnp.where(valid, old_logp, 0.0),
+           "old_values": jnp.where(valid, values, 0.0), "advantages": adv, "returns": returns}
+    lengths = jnp.sum(resp_mask, axis=-1).astype(jnp.float32)
+    metrics = {
+        "rm_score": jnp.mean(raw_score),
+        "score": km["score"],
+        "kl": km["kl"],
+        "kl_per_token": km["kl_per_token"],
+        "non_score_reward": km["non_score_reward"],
+        "total_reward": km["total_reward"],
+        "entropy": obj.masked_mean(ent, valid),
+        "response_length": jnp.mean(lengths),
+        "eos_rate": jnp.mean(finished.astype(jnp.float32)),
+        "kl_coef": state["kl_ctl"].kl_coef,
+        "value_mean": obj.masked_mean(values, valid),
+        "return_mean": obj.masked_mean(returns, valid),
+    }
+    return exp, metrics, stats
+
+
+def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accum: int):
+    """One PPO(-ptx) update on a minibatch of experience (and a ptx batch): (state, metrics)."""
+    n = batch["response_tokens"].shape[1]
+    agg = opts["loss_agg"]
+    denoms = obj.aggregation_denominators(batch["response_mask"] > 0)
+    use_ptx = opts["ptx_coef"] > 0
+    if use_ptx:
+        ptx_denoms = obj.aggregation_denominators(batch["ptx_loss_mask"][:, 1:] > 0)
+
+    def contribution(params, mb):
+        valid = mb["response_mask"] > 0
+        logits, values = policy_forward(params, mb["tokens"], mb["mask"], n,
+                                        graphdefs=graphdefs, critic=opts["critic"])
+        logp = sampling_logprobs(logits, mb["response_tokens"], **_sampling_kw(opts))
+        pg, pm = obj.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], valid,
+                                     clip_eps=opts["clip_eps"],
+                                     dual_clip=opts["dual_clip"] or None, agg=agg, **denoms)
+        vl, vm = obj.value_loss(values, mb["old_values"], mb["returns"], valid,
+                                clip_eps=opts["vf_clip_eps"], agg=agg, **denoms)
+        ent = obj.entropy(logits, opts["temperature"])
+        ent_term = obj.aggregate(ent, valid, agg, **denoms)
+        total = pg + opts["vf_coef"] * vl - opts["entropy_coef"] * ent_term
+        aux = {"policy_loss": pg, "value_loss": vl, "entropy_bonus_term": ent_term,
+               "approx_kl": pm["approx_kl"], "clipfrac": pm["clipfrac"],
+               "ratio_mean": pm["ratio_mean"], "ratio_max": pm["ratio_max"],
+               "vf_clipfrac": vm.get("clipfrac", vm.get("vf_clipfrac", 0.0)),
+               "explained_variance": vm.get("explained_variance", 0.0)}
+        if use_ptx:
+            actor = nnx.merge(graphdefs["actor"], params["actor"])
+            ptx_logits = actor(mb["ptx_tokens"], mb["ptx_attention_mask"])
+            pl, _ = obj.ptx_loss(ptx_logits, mb["ptx_tokens"], mb["ptx_loss_mask"], agg=agg,
+                                 **ptx_denoms)
+            total = total + opts["ptx_coef"] * pl
+            aux["ptx_loss"] = pl
+        return total, aux
+
+    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, "stop",
+                                         counter="updates")  # "step" counts iterations
+    if grad_accum > 1:  # per-micro-batch means of the diagnostics -> their average
+        for k in ("approx_kl", "clipfrac", "ratio_mean", "vf_clipfrac", "explained_variance"):
+            aux[k] = aux[k] / grad_accum
+        aux["ratio_max"] = aux["ratio_max"] / grad_accum
+    metrics.update(loss=loss, **aux)
+    return state, metrics
+
+
+# ------------------------------------------------------------------------------------------
+# Set-up helpers.
+
+def _load_frozen(init_dir, head, mesh):
+    from jaxrlhf.models import load_hf
+    model = load_hf(init_dir, head=head, mesh=mesh)
+    return nnx.graphdef(model), common.params_of(model), model
+
+
+def _optimizer(config, total_updates: int, params):
+    pc = config.ppo
+    tc = config.train.copy_and_resolve_references()
+    tc.warmup_steps = int(pc.warmup_iterations)
+    tc.steps = total_updates
+    opt_a, sched = common.make_optimizer(tc, lr=float(pc.actor_lr), steps=total_updates)
+    opt_c, _ = common.make_optimizer(tc, lr=float(pc.critic_lr), steps=total_updates)
+    labels = {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+    return optax.multi_transform({"actor": opt_a, "critic": opt_c}, labels), sched
+
+
+def _opts(config) -> Dict[str, Any]:
+    pc = config.ppo
+    if pc.critic not in CRITIC_MODES:
+        raise ValueError(f"ppo.critic must be one of {CRITIC_MODES}, got {pc.critic!r}.")
+    if pc.reward_norm not in ("none", "running"):
+        raise ValueError(f"ppo.reward_norm must be 'none' or 'running', got {pc.reward_norm!r}.")
+    if pc.rollout_batch % pc.minibatch_size:
+        raise ValueError(f"ppo.rollout_batch ({pc.rollout_batch}) must be a multiple of "
+                         f"ppo.minibatch_size ({pc.minibatch_size}).")
+    obj.registry.get("kl", pc.kl_estimator)
+    obj.registry.get("loss_agg", pc.loss_agg)
+    keys = ("critic", "temperature", "top_k", "top_p", "kl_estimator", "gamma", "lam",
+            "clip_eps", "dual_clip", "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef",
+            "loss_agg", "whiten_advantages", "reward_clip", "reward_norm",
+            "missing_eos_penalty")
+    return {k: pc[k] for k in keys}
+
+
+class _GoldScorer:
+    """Gold reward of rollouts on the built-in task (None for user data)."""
+
+    def __init__(self, config, prompt_ds, tokenizer):
+        self.task = None
+        if config.data.path == "synthetic" and config.ppo.gold_reward:
+            from jaxrlhf.data import SyntheticTask
+            self.task = SyntheticTask.from_config(config.data.synthetic)
+        self.ds, self.tok = prompt_ds, tokenizer
+
+    def texts(self, index, response_tokens, response_mask):
+        prompts = [self.ds.examples[int(i)]["prompt"] for i in index]
+        resp = [self.tok.decode([int(t) for t, m in zip(row, mrow) if m])
+                for row, mrow in zip(response_tokens, response_mask)]
+        return prompts, resp
+
+    def __call__(self, index, response_tokens, response_mask, finished):
+        if self.task is None:
+            return None
+        prompts, resp = self.texts(index, response_tokens, response_mask)
+        return float(np.mean(self.task.gold_reward_batch(prompts, resp,
+                                                         [bool(f) for f in finished])))
+
+
+def _host(x):
+    """All rows of a (possibly multi-process) global array as NumPy."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+# ------------------------------------------------------------------------------------------
+# The stage.
+
+def run(config, stage_dir: str):
+    """Trains (or resumes) PPO-ptx in `stage_dir`; exports the actor to `stage_dir/hf`."""
+    os.makedirs(stage_dir, exist_ok=True)
+    common.maybe_initialize_distributed(config)
+    pc, tc = config.ppo, config.train
+    opts = _opts(config)
+    mesh = common.mesh_from_config(config)
+    if not pc.actor_init or not pc.reward_init:
+        raise ValueError("PPO needs ppo.actor_init (an SFT stage dir or HF dir) and "
+                         "ppo.reward_init (a reward-model stage dir or HF dir).")
+    actor_dir = common.resolve_init_dir(pc.actor_init)
+    reward_dir = common.resolve_init_dir(pc.reward_init)
+    critic_dir = common.resolve_init_dir(pc.critic_init or pc.reward_init)
+    tok_spec = common.tokenizer_spec(config, actor_dir)
+    tokenizer = load_tokenizer(tok_spec)
+
+    ref_dir = common.resolve_init_dir(pc.ref_init or pc.actor_init)
+    ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh)
+    rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh)
+    common.check_tokenizer(tokenizer, actor_model.cfg,
+                           {"actor_init": actor_dir, "reward_init": reward_dir,
+                            "critic_init": critic_dir, "ref_init": ref_dir})
+    if rm_model.cfg.vocab_size != actor_model.cfg.vocab_size:
+        raise ValueError(f"Actor vocab {actor_model.cfg.vocab_size} != reward model vocab "
+                         f"{rm_model.cfg.vocab_size}: they must share one tokenizer.")
+    eos_id, pad_id = tokenizer.eos_id, tokenizer.pad_id
+
+    # Trainable params: actor (a separate buffer from the frozen reference, which is never
+    # donated) and critic (a separate model from critic_init, or a value head on the trunk).
+    if ref_dir == actor_dir:
+        actor_params = jax.tree.map(jnp.copy, ref_params)
+    else:
+        _, actor_params, _ = _load_frozen(actor_dir, "lm", mesh)
+    graphdefs = {"actor": ref_gd, "ref": ref_gd, "reward": rm_gd}
+    params_sh = {"actor": common.param_shardings(actor_model, mesh)}
+    if pc.critic == "shared":
+        d = actor_model.cfg.d_model
+        rep = NamedSharding(mesh, P())
+        critic_params = {"w": jax.device_put(jnp.zeros((d,), jnp.float32), rep),
+                         "b": jax.device_put(jnp.zeros((), jnp.float32), rep)}
+        params_sh["critic"] = {"w": rep, "b": rep}
+    else:
+        cgd, critic_params, critic_model = _load_frozen(critic_dir, "score", mesh)
+        critic_params = jax.tree.map(jnp.copy, critic_params)
+        graphdefs["critic"] = cgd
+        params_sh["critic"] = common.param_shardings(critic_model, mesh)
+    params = {"actor": actor_params, "critic": critic_params}
+    frozen = {"ref": ref_params, "reward": rm_params}
+
+    n_mb = pc.rollout_batch // pc.minibatch_size
+    total_updates = int(pc.iterations) * int(pc.ppo_epochs) * n_mb
+    optimizer, schedule = _optimizer(config, total_updates, params)
+    state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
+                                              int(config.seed))
+    rep = NamedSharding(mesh, P())
+    kl_ctl = obj.kl_controller_init(pc.kl_controller, kl_coef=float(pc.kl_coef),
+                                    target=float(pc.kl_target), horizon=float(pc.kl_horizon))
+    state["kl_ctl"] = jax.device_put(kl_ctl, rep)
+    state["reward_stats"] = jax.device_put(obj.running_moments_init(), rep)
+    state["updates"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
+    state_sh["updates"] = rep
+    state_sh["kl_ctl"] = jax.tree.map(lambda _: rep, kl_ctl)
+    state_sh["reward_stats"] = jax.tree.map(lambda _: rep, state["reward_stats"])
+
+    # Data: prompts (and pretraining text for ptx).
+    workdir = stage_dir if jax.process_index() == 0 else None
+    prompt_ds = build_dataset(config.data, tokenizer, workdir=workdir)
+    pi, pcount = jax.process_index(), jax.process_count()
+    prompt_iter = prompt_ds.iterator(int(pc.rollout_batch), seed=int(config.seed),
+                                     process_index=pi, process_count=pcount)
+    ptx_iter = None
+    if pc.ptx_coef > 0:
+        ptx_ds = build_dataset(config.ptx_data, tokenizer, workdir=workdir)
+        ptx_iter = ptx_ds.iterator(int(pc.ptx_batch_size) * n_mb * int(pc.ppo_epochs),
+                                   seed=int(config.seed) + 1, process_index=pi,
+                                   process_count=pcount)
+    gold = _GoldScorer(config, prompt_ds, tokenizer)
+
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
+                        save_every=tc.save_every)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_like(state, state_sh))
+        prompt_iter.restore(meta["prompt_iter"])
+        if ptx_iter is not None and "ptx_iter" in meta:
+            ptx_iter.restore(meta["ptx_iter"])
+        print(f"Resumed PPO from iteration {int(state['step'])} in {ckpt.directory}")
+
+    experience_fn = jax.jit(functools.partial(make_experience, graphdefs=graphdefs, opts=opts))
+    update_fn = jax.jit(
+        functools.partial(update_step, graphdefs=graphdefs, optimizer=optimizer,
+                          schedule=schedule, opts=opts, grad_accum=int(pc.grad_accum)),
+        in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+    kl_update = jax.jit(obj.kl_controller_update)
+
+    start = int(jax.device_get(state["step"]))
+    logger = MetricsLogger(stage_dir, total_steps=int(pc.iterations), start_step=start,
+                           desc="ppo", log_every=tc.log_every, is_main=pi == 0)
+    samples_path = os.path.join(stage_dir, "samples.jsonl")
+    t0 = time.time()
+    gen_time = 0.0
+    last: Dict[str, float] = {}
+
+    def meta():
+        m = {"prompt_iter": prompt_iter.state()}
+        if ptx_iter is not None:
+            m["ptx_iter"] = ptx_iter.state()
+        return m
+
+    with common._SigtermFlag() as sigterm:
+        for it in range(start, int(pc.iterations)):
+            it_rng = jax.random.fold_in(state["rng"], it)
+            prompts = next(prompt_iter)
+            index = prompts.pop("index")
+            g = common.to_global(prompts, mesh)
+            actor = nnx.merge(graphdefs["actor"], state["params"]["actor"])
+            tg = time.time()
+            res = generate(actor, g["prompt_tokens"], g["prompt_mask"],
+                           jax.random.fold_in(it_rng, 0), max_new_tokens=int(pc.max_new_tokens),
+                           temperature=float(pc.temperature), top_k=int(pc.top_k),
+                           top_p=float(pc.top_p), eos_id=eos_id, pad_id=pad_id, mesh=mesh)
+            jax.block_until_ready(res.tokens)
+            gen_time += time.time() - tg
+            rollout = {"tokens": res.tokens, "mask": res.mask,
+                       "response_tokens": res.response_tokens,
+                       "response_mask": res.response_mask, "finished": res.finished}
+            exp, m_exp, stats = experience_fn(state, frozen, rollout)
+            state = dict(state, reward_stats=stats)
+
+            ptx_all = None
+            if ptx_iter is not None:
+                ptx_all = common.to_global(
+                    {k_: v for k_, v in next(ptx_iter).items()
+                     if k_ in ("tokens", "attention_mask", "loss_mask")}, mesh)
+            upd_metrics = []
+            k = 0
+            for epoch in range(int(pc.ppo_epochs)):
+                perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch),
+                                                         int(pc.rollout_batch)))
+                for j in range(n_mb):
+                    idx = perm[j * pc.minibatch_size:(j + 1) * pc.minibatch_size]
+                    mb = {key: v[idx] for key, v in exp.items()}
+                    if ptx_all is not None:
+                        lo, hi = k * pc.ptx_batch_size, (k + 1) * pc.ptx_batch_size
+                        mb.update({f"ptx_{key}": v[lo:hi] for key, v in ptx_all.items()})
+                    k += 1
+                    state, um = update_fn(state, mb)
+                    upd_metrics.append(um)
+            new_kl = kl_update(state["kl_ctl"], m_exp["kl"], jnp.float32(pc.rollout_batch))
+            state = dict(state, step=state["step"] + 1, kl_ctl=new_kl)
+
+            # Metrics of this iteration (read after the device work is queued).
+            m = {key: float(v) for key, v in jax.device_get(m_exp).items()}
+            ups = jax.device_get(upd_metrics)
+            for key in ups[0]:
+                vals = [float(u[key]) for u in ups]
+                m[key] = float(np.max(vals)) if key == "ratio_max" else float(np.mean(vals))
+            m["first_ratio_mean"] = float(ups[0]["ratio_mean"])
+            m["first_approx_kl"] = float(ups[0]["approx_kl"])
+            m["first_clipfrac"] = float(ups[0]["clipfrac"])
+            resp_np, rmask_np = _host(res.response_tokens), _host(res.response_mask)
+            fin_np = _host(res.finished)
+            gr = gold(index, resp_np, rmask_np, fin_np)
+            if gr is not None:
+                m["gold_reward"] = gr
+            m["generation_time_share"] = gen_time / max(time.time() - t0, 1e-9)
+            if not math.isfinite(m["loss"]):
+                raise common.NonFiniteLoss(f"[ppo] non-finite loss at iteration {it + 1}.")
+            logger.write(it + 1, m)
+            last = m
+            logger.advance()
+            if pi == 0 and pc.sample_every and (it + 1) % pc.sample_every == 0:
+                prompts_txt, resp_txt = gold.texts(index[:4], resp_np[:4], rmask_np[:4])
+                with open(samples_path, "a") as f:
+                    for p_, r_, fin in zip(prompts_txt, resp_txt, fin_np[:4]):
+                        f.write(json.dumps({"iteration": it + 1, "prompt": p_,
+                                            "response": r_, "ended": bool(fin)}) + "\n")
+                logger.print(f"[ppo] sample @ {it + 1}: {prompts_txt[0]!r} -> {resp_txt[0]!r}")
+            done = it + 1
+            if ckpt.should_save(done) or done == int(pc.iterations) or sigterm.set:
+                ckpt.save(done, state, meta())
+            if sigterm.set:
+                logger.print(f"[ppo] SIGTERM: saved checkpoint at iteration {done}; re-run "
+                             "the same command to resume.")
+                logger.close()
+                raise common.Preempted(f"ppo preempted at iteration {done}")
+    logger.close()
+    ckpt.close()
+
+    actor = nnx.merge(graphdefs["actor"], state["params"]["actor"])
+    common.export_stage_model(actor, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
+                              tokenizer_spec_=tok_spec, stage="ppo")
+    rows = []
+    if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
+        from jaxrlhf.metrics import read_metrics
+        rows = read_metrics(stage_dir)
+    first = rows[0] if rows else {}
+    summary = {"stage": "ppo", "iterations": int(pc.iterations),
+               "wall_time_s": time.time() - t0,
+               **{f"final_{k}": v for k, v in last.items()},
+               **{f"first_{k}": first.get(k) for k in ("rm_score", "gold_reward", "kl")
+                  if k in first}}
+    if pi == 0:
+        write_summary(stage_dir, summary)
+        plot_curves(stage_dir, [["rm_score"], ["gold_reward"], ["kl"], ["entropy"]],
+                    filename="curves.png", title="PPO")
+    return summary, actor
