@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.ptx_data.buckets = (32,)
     c.train.log_every = 10
     c.train.save_every = 20
+    c.train.eval_every = 0      # held-out policy eval before and after PPO only
     p = c.ppo
     p.actor_init, p.reward_init = a.sft, a.rm
     p.iterations = a.iterations

@@ -169,6 +169,8 @@ def ppo_block() -> ml_collections.ConfigDict:
     p.warmup_iterations = 0
     p.sample_every = 10        # print / write sample generations every n iterations
     p.gold_reward = True       # built-in task: log the gold reward of every rollout
+    p.eval_prompts = 256       # held-out prompts scored before PPO (the SFT policy), every
+                               # train.eval_every iterations, and at the end
     return p
 
 

@@ -33,12 +33,13 @@ class MetricsLogger:
 
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                  desc: str = "train", log_every: int = 10, tensorboard: bool = True,
-                 is_main: bool = True, stream=None):
+                 is_main: bool = True, stream=None, echo_keys=None):
         self.workdir = workdir
         self.is_main = is_main
         self.log_every = max(1, log_every)
         self.desc = desc
         self.stream = stream or sys.stderr
+        self.echo_keys = echo_keys
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._t0 = time.time()
         self._tb = None
@@ -85,7 +86,8 @@ class MetricsLogger:
         if echo is None:
             echo = split != "train" or step % self.log_every == 0
         if echo:
-            self.print(f"[{self.desc}] step {step} {split}: " + format_metrics(metrics))
+            keys = [k for k in (self.echo_keys or metrics) if k in metrics]
+            self.print(f"[{self.desc}] step {step} {split}: " + format_metrics(metrics, keys))
 
     def print(self, msg: str) -> None:
         if not self.is_main:

@@ -151,8 +151,13 @@ class Attention(nnx.Module):
         logits = logits * (1.0 / math.sqrt(dh))
         logits = jnp.where(allowed_BxTxS[:, None, None, :, :], logits, _MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxDh).reshape(b, t, h, dh)
-        out = jnp.einsum("bthe,hed->btd", out, self.wo[...].astype(dt))
+        # Output with the batch dims (b, k) leading, then transpose: XLA's CPU dot then needs
+        # no operand transpose (measured 2x faster at T=128, ~10x in single-token decode).
+        out = jnp.einsum("bkgts,bskd->bkgtd", probs, v_BxSxKxDh)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
+        # One flat contraction: with two contracting dims (h, e) XLA's CPU layout assignment
+        # transposed (copied) wo at every call instead of the small activation.
+        out = out @ self.wo[...].astype(dt).reshape(h * dh, -1)
         if cfg.out_bias:
             out = out + _bcast(self.bo[...].astype(dt), 3)
         return out

@@ -46,6 +46,9 @@ from jaxrlhf.models import gather_last
 from jaxrlhf.trainers import common
 
 CRITIC_MODES = ("separate", "shared")
+# Metrics printed on the console (all of them go to metrics.jsonl / TensorBoard).
+ECHO_KEYS = ("rm_score", "gold_reward", "kl", "kl_coef", "entropy", "response_length",
+             "eos_rate", "clipfrac", "approx_kl", "value_loss", "explained_variance", "ptx_loss")
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,6 +168,81 @@ def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accu
     return state, metrics
 
 
+def eval_scores(actor_params, frozen, rollout, *, graphdefs, opts):
+    """Reward score and KL(actor || reference) (k1 summed over the response) of rollouts."""
+    tokens, mask = rollout["tokens"], rollout["mask"]
+    resp, valid = rollout["response_tokens"], rollout["response_mask"] > 0
+    n = resp.shape[1]
+
+    def logp(graphdef, params):
+        m = nnx.merge(graphdef, params)
+        logits = m.apply_head(m.hidden(tokens, mask)[:, -n - 1:-1])
+        return sampling_logprobs(logits, resp, **_sampling_kw(opts))
+
+    kl = jnp.sum(jnp.where(valid, logp(graphdefs["actor"], actor_params)
+                           - logp(graphdefs["ref"], frozen["ref"]), 0.0), axis=-1)
+    rm = nnx.merge(graphdefs["reward"], frozen["reward"])
+    return gather_last(rm(tokens, mask), mask), kl
+
+
+class _PolicyEval:
+    """Held-out evaluation of a policy: sample once per prompt (fixed rng) and report the mean
+    gold reward (built-in task), RM score, KL to the reference, length and EOS rate."""
+
+    def __init__(self, config, tokenizer, graphdefs, opts, mesh, gold):
+        pc = config.ppo
+        self.ds = None
+        if config.data.path == "synthetic":
+            ev = config.data.copy_and_resolve_references()
+            ev.split = "test"
+            ev.synthetic.num_examples = int(pc.eval_prompts)
+            self.ds = build_dataset(ev, tokenizer)
+        elif config.eval_data.path:
+            self.ds = build_dataset(config.eval_data, tokenizer)
+        self.config, self.tok, self.mesh, self.gold = config, tokenizer, mesh, gold
+        self.scores = jax.jit(functools.partial(eval_scores, graphdefs=graphdefs, opts=opts))
+        self.graphdefs = graphdefs
+
+    def __call__(self, actor_params, frozen) -> Dict[str, float]:
+        if self.ds is None or not int(self.config.ppo.eval_prompts):
+            return {}
+        pc = self.config.ppo
+        task = self.gold.task
+        actor = nnx.merge(self.graphdefs["actor"], actor_params)
+        tot: Dict[str, float] = {}
+        n = 0
+        it = self.ds.iterator(int(pc.rollout_batch), shuffle=False, drop_remainder=False,
+                              num_epochs=1, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        for i, b in enumerate(it):
+            keep = b.pop("batch_mask") > 0
+            index = b.pop("index")
+            g = common.to_global(b, self.mesh)
+            res = generate(actor, g["prompt_tokens"], g["prompt_mask"],
+                           jax.random.fold_in(jax.random.PRNGKey(1234), i),
+                           max_new_tokens=int(pc.max_new_tokens),
+                           temperature=float(pc.temperature), top_k=int(pc.top_k),
+                           top_p=float(pc.top_p), eos_id=self.tok.eos_id,
+                           pad_id=self.tok.pad_id, mesh=self.mesh)
+            rollout = {"tokens": res.tokens, "mask": res.mask,
+                       "response_tokens": res.response_tokens,
+                       "response_mask": res.response_mask}
+            score, kl = (_host(x) for x in self.scores(actor_params, frozen, rollout))
+            resp, rmask, fin = (_host(x) for x in (res.response_tokens, res.response_mask,
+                                                   res.finished))
+            keep = _host(jnp.asarray(keep)) if jax.process_count() > 1 else keep
+            vals = {"rm_score": score, "kl": kl, "response_length": rmask.sum(-1),
+                    "eos_rate": fin.astype(np.float32)}
+            if task is not None:
+                prompts, texts = self.gold.texts(index, resp, rmask, ds=self.ds)
+                vals["gold_reward"] = np.asarray(task.gold_reward_batch(
+                    prompts, texts, [bool(f) for f in fin]))
+            for k, v in vals.items():
+                tot[k] = tot.get(k, 0.0) + float(np.asarray(v, np.float64)[keep].sum())
+            n += int(keep.sum())
+        return {k: v / max(n, 1) for k, v in tot.items()} | {"prompts": float(n)}
+
+
 # ------------------------------------------------------------------------------------------
 # Set-up helpers.
 
@@ -213,8 +291,11 @@ class _GoldScorer:
             self.task = SyntheticTask.from_config(config.data.synthetic)
         self.ds, self.tok = prompt_ds, tokenizer
 
-    def texts(self, index, response_tokens, response_mask):
-        prompts = [self.ds.examples[int(i)]["prompt"] for i in index]
+    def texts(self, index, response_tokens, response_mask, ds=None):
+        """Prompt texts (rows `index` of `ds`, default the training prompts) and decoded
+        responses."""
+        ds = ds or self.ds
+        prompts = [ds.examples[int(i)]["prompt"] for i in index]
         resp = [self.tok.decode([int(t) for t, m in zip(row, mrow) if m])
                 for row, mrow in zip(response_tokens, response_mask)]
         return prompts, resp
@@ -315,6 +396,7 @@ def run(config, stage_dir: str):
                                    seed=int(config.seed) + 1, process_index=pi,
                                    process_count=pcount)
     gold = _GoldScorer(config, prompt_ds, tokenizer)
+    policy_eval = _PolicyEval(config, tokenizer, graphdefs, opts, mesh, gold)
 
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
                         save_every=tc.save_every)
@@ -334,7 +416,19 @@ def run(config, stage_dir: str):
 
     start = int(jax.device_get(state["step"]))
     logger = MetricsLogger(stage_dir, total_steps=int(pc.iterations), start_step=start,
-                           desc="ppo", log_every=tc.log_every, is_main=pi == 0)
+                           desc="ppo", log_every=tc.log_every, is_main=pi == 0,
+                           echo_keys=ECHO_KEYS)
+    # The initial (SFT) policy's held-out scores, computed once and kept for resumes.
+    init_eval_path = os.path.join(stage_dir, "eval_initial_policy.json")
+    if os.path.exists(init_eval_path):
+        with open(init_eval_path) as f:
+            init_eval = json.load(f)
+    else:
+        init_eval = policy_eval(state["params"]["actor"], frozen) if start == 0 else {}
+        if pi == 0 and init_eval:
+            with open(init_eval_path, "w") as f:
+                json.dump(init_eval, f, indent=2)
+            logger.write(0, init_eval, split="eval")
     samples_path = os.path.join(stage_dir, "samples.jsonl")
     t0 = time.time()
     gen_time = 0.0
@@ -397,6 +491,7 @@ def run(config, stage_dir: str):
             m["first_ratio_mean"] = float(ups[0]["ratio_mean"])
             m["first_approx_kl"] = float(ups[0]["approx_kl"])
             m["first_clipfrac"] = float(ups[0]["clipfrac"])
+            m.pop("finite", None)
             resp_np, rmask_np = _host(res.response_tokens), _host(res.response_mask)
             fin_np = _host(res.finished)
             gr = gold(index, resp_np, rmask_np, fin_np)
@@ -416,6 +511,8 @@ def run(config, stage_dir: str):
                                             "response": r_, "ended": bool(fin)}) + "\n")
                 logger.print(f"[ppo] sample @ {it + 1}: {prompts_txt[0]!r} -> {resp_txt[0]!r}")
             done = it + 1
+            if tc.eval_every and done % tc.eval_every == 0 and done < int(pc.iterations):
+                logger.write(done, policy_eval(state["params"]["actor"], frozen), split="eval")
             if ckpt.should_save(done) or done == int(pc.iterations) or sigterm.set:
                 ckpt.save(done, state, meta())
             if sigterm.set:
@@ -423,6 +520,9 @@ def run(config, stage_dir: str):
                              "the same command to resume.")
                 logger.close()
                 raise common.Preempted(f"ppo preempted at iteration {done}")
+    final_eval = policy_eval(state["params"]["actor"], frozen)
+    if final_eval:
+        logger.write(int(pc.iterations), final_eval, split="eval")
     logger.close()
     ckpt.close()
 
@@ -437,6 +537,8 @@ def run(config, stage_dir: str):
     summary = {"stage": "ppo", "iterations": int(pc.iterations),
                "wall_time_s": time.time() - t0,
                **{f"final_{k}": v for k, v in last.items()},
+               **{f"eval_initial_{k}": v for k, v in init_eval.items()},
+               **{f"eval_final_{k}": v for k, v in final_eval.items()},
                **{f"first_{k}": first.get(k) for k in ("rm_score", "gold_reward", "kl")
                   if k in first}}
     if pi == 0:
