@@ -70,6 +70,16 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta or {})
 
+    def restore_raw(self, step: Optional[int] = None):
+        """(state, meta) as saved, without a target layout (NamedTuples come back as dicts,
+        arrays on the default device). For inspection and tools."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return out.state, dict(out.meta or {})
+
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()

@@ -22,11 +22,9 @@ from jaxrlhf.trainers import common, reward, runner, sft
 def _params(stage_dir):
     """Final params of a stage from its last checkpoint (as numpy)."""
     ck = Checkpointer(os.path.join(stage_dir, "checkpoints"))
-    step = ck.latest_step()
-    mngr = ck._mngr
-    restored = mngr.restore(step)
+    state, _ = ck.restore_raw()
     ck.close()
-    return jax.tree.map(np.asarray, restored["state"]["params"])
+    return jax.tree.map(np.asarray, state["params"])
 
 
 def _train_rows(stage_dir):

@@ -36,3 +36,38 @@ def shrink(c, steps: int = 6, batch_size: int = 8):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def shrink_ppo(c, iterations: int = 3):
+    """A tiny PPO config: 8 prompts per iteration, 2 minibatches, 8 new tokens."""
+    c.ppo.iterations = iterations
+    c.ppo.rollout_batch = 8
+    c.ppo.minibatch_size = 4
+    c.ppo.ppo_epochs = 2
+    c.ppo.max_new_tokens = 8
+    c.ppo.ptx_batch_size = 4
+    c.ppo.eval_prompts = 8
+    c.ppo.sample_every = 2
+    c.train.log_every = 1
+    c.train.save_every = 2
+    c.train.eval_every = 0
+    c.data.synthetic.num_examples = 64
+    c.ptx_data.synthetic.num_examples = 64
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    return c
+
+
+def tiny_stage_dirs(root):
+    """A random tiny SFT export and RM export (byte tokenizer), as PPO needs them."""
+    from jaxrlhf.data import load_tokenizer
+    from jaxrlhf.models import init_model, preset
+    from jaxrlhf.trainers.common import export_stage_model
+    cfg = preset("tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64)
+    tok = load_tokenizer("byte")
+    out = {}
+    for name, head, seed in (("sft", "lm", 0), ("rm", "score", 1)):
+        d = os.path.join(root, name)
+        export_stage_model(init_model(cfg, head=head, seed=seed), os.path.join(d, "hf"),
+                           tokenizer=tok, tokenizer_spec_="byte", stage=name)
+        out[name] = d
+    return out

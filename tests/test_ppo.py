@@ -1,0 +1,151 @@
+"""PPO-ptx trainer and the pipeline stage: runs, first-minibatch invariants, KL 0 at
+actor == reference, exact resume (KL controller and running reward statistics included),
+8 fake devices, and a pipeline that resumes after being killed in each stage."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from trainer_utils import load_config, read_jsonl, shrink, shrink_ppo, tiny_stage_dirs
+
+from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.data import batching
+from jaxrlhf.trainers import common, runner
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+    return tiny_stage_dirs(str(tmp_path_factory.mktemp("stages")))
+
+
+def _ppo_config(stage_dirs, **ppo):
+    c = shrink_ppo(load_config("ppo", f"sft={stage_dirs['sft']},rm={stage_dirs['rm']}"))
+    for k, v in ppo.items():
+        c.ppo[k] = v
+    return c
+
+
+def _ckpt_state(stage_dir):
+    ck = Checkpointer(os.path.join(stage_dir, "checkpoints"))
+    state, _ = ck.restore_raw()
+    ck.close()
+    return jax.tree.map(np.asarray, state)
+
+
+def _rows(stage_dir, split="train"):
+    return [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
+            if r["split"] == split]
+
+
+def test_ppo_runs_and_first_minibatch_invariants(tmp_path, stage_dirs):
+    """Every iteration's first minibatch has ratio 1, approx_kl 0 and clipfrac 0; the first
+    iteration (actor == reference) has KL exactly 0. The scoring pass and the update step are
+    different XLA programs (batch 8 vs minibatch 4), so single log-probs may differ by one
+    float32 ulp: approx_kl is 0 up to ~1e-14, the ratio mean is exactly 1."""
+    cfg = _ppo_config(stage_dirs, ptx_coef=0.1)
+    summary, _ = runner.run(cfg, str(tmp_path / "ppo"))
+    rows = _rows(str(tmp_path / "ppo"))
+    assert len(rows) == 3
+    for r in rows:
+        assert r["first_ratio_mean"] == 1.0
+        assert abs(r["first_approx_kl"]) < 1e-10
+        assert r["first_clipfrac"] == 0.0
+        for k in ("rm_score", "gold_reward", "kl", "entropy", "clipfrac", "approx_kl",
+                  "value_loss", "explained_variance", "response_length", "eos_rate",
+                  "ratio_mean", "ratio_max", "ptx_loss"):
+            assert np.isfinite(r[k]), k
+    assert rows[0]["kl"] == 0.0 and rows[0]["kl_per_token"] == 0.0
+    assert rows[-1]["kl"] != 0.0   # the actor moved
+    d = str(tmp_path / "ppo")
+    for f in ("summary.json", "curves.png", "samples.jsonl", "eval_initial_policy.json",
+              os.path.join("hf", "config.json")):
+        assert os.path.exists(os.path.join(d, f)), f
+    assert summary["eval_initial_kl"] == 0.0
+    assert "eval_final_gold_reward" in summary
+
+
+def test_ppo_resume_equals_uninterrupted(tmp_path, stage_dirs, monkeypatch):
+    """Adaptive KL controller + running reward normalisation: both are in the resumed state."""
+    cfg = _ppo_config(stage_dirs, iterations=4, kl_controller="adaptive", kl_target=0.01,
+                      kl_horizon=100, reward_norm="running")
+    full = str(tmp_path / "full")
+    runner.run(cfg, full)
+
+    part = str(tmp_path / "part")
+    orig = batching.BatchIterator.__next__
+
+    def interrupting(self):
+        if self.shuffle and self.position == 2 and self.epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(batching.BatchIterator, "__next__", interrupting)
+        with pytest.raises(common.Preempted):
+            runner.run(cfg, part)
+    assert Checkpointer(os.path.join(part, "checkpoints")).latest_step() == 3
+    runner.run(cfg, part)
+
+    a, b = _ckpt_state(full), _ckpt_state(part)
+    jax.tree.map(np.testing.assert_array_equal, a, b)   # bitwise, every piece of state
+    assert float(a["kl_ctl"]["kl_coef"]) != cfg.ppo.kl_coef   # the controller really moved
+    assert float(a["reward_stats"]["count"]) == 4 * cfg.ppo.rollout_batch
+    ra, rb = _rows(full), _rows(part)
+    for x, y in zip(ra, rb):
+        x.pop("generation_time_share"), y.pop("generation_time_share")
+    assert ra == rb
+
+
+def test_ppo_on_eight_devices_matches_one(tmp_path, stage_dirs):
+    cfg = _ppo_config(stage_dirs, iterations=2, critic="shared")
+    runner.run(cfg, str(tmp_path / "one"))
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    runner.run(cfg, str(tmp_path / "eight"))
+    ra, rb = _rows(str(tmp_path / "one")), _rows(str(tmp_path / "eight"))
+    for k in ("rm_score", "kl", "loss", "value_loss", "response_length"):
+        np.testing.assert_allclose([r[k] for r in ra], [r[k] for r in rb], rtol=2e-4,
+                                   atol=1e-5, err_msg=k)
+
+
+def _pipeline_config():
+    c = load_config("tiny_pipeline", "iterations=2")
+    for name in ("sft", "rm"):
+        shrink(c.pipeline[name], steps=4)
+        c.pipeline[name].train.eval_every = 0
+    shrink_ppo(c.pipeline.ppo, iterations=2)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    return c
+
+
+def test_pipeline_resumes_after_kill_in_each_stage(tmp_path, monkeypatch):
+    cfg = _pipeline_config()
+    full = str(tmp_path / "full")
+    runner.run(cfg, full)
+
+    # Kill (SIGTERM) once in SFT, once in RM, once in PPO: the k-th training batch overall.
+    part = str(tmp_path / "part")
+    orig = batching.BatchIterator.__next__
+    calls = {"n": 0}
+    for kill_at, stage in ((2, "sft"), (3, "rm"), (2, "ppo")):
+        calls["n"] = 0
+
+        def interrupting(self, kill_at=kill_at):
+            if self.shuffle:
+                calls["n"] += 1
+                if calls["n"] == kill_at + 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return orig(self)
+
+        with monkeypatch.context() as m:
+            m.setattr(batching.BatchIterator, "__next__", interrupting)
+            with pytest.raises(common.Preempted, match=stage):
+                runner.run(cfg, part)
+    runner.run(cfg, part)
+    for stage in ("sft", "rm", "ppo"):
+        a, b = _ckpt_state(os.path.join(full, stage)), _ckpt_state(os.path.join(part, stage))
+        jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+    s = json.load(open(os.path.join(part, "summary.json")))
+    assert set(s) == {"sft", "rm", "ppo"}
