@@ -141,6 +141,9 @@ def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
                        stage: str, extra: Optional[dict] = None) -> str:
     """save_hf + a jaxrlhf.json recording the tokenizer (and HF tokenizer files if any)."""
     from jaxrlhf.models import save_hf
+    if jax.process_count() > 1:  # gather the sharded params on every host (collective)
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.tree.map(host_array, state))
     if jax.process_index() == 0:
         save_hf(model, out_dir)
         hf_tok = getattr(tokenizer, "hf", None) or getattr(tokenizer, "_tok", None)
@@ -284,6 +287,14 @@ def compile_step(step_fn: Callable, state_sh, batch_sh=None, *, donate: bool = T
     `batch_sh=None` takes the batch's own sharding (see `to_global`)."""
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,) if donate else ())
+
+
+def host_array(x) -> np.ndarray:
+    """All of a global array on every host as NumPy (an all-gather when it spans processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=None):

@@ -49,9 +49,12 @@ def _valid(batch):
 def ranking_loss(params, graphdef, batch, *, tie_mode: str, margin: float,
                  label_smoothing: float):
     rewards = sequence_rewards(params, graphdef, batch["tokens"], batch["attention_mask"])
+    if "pair_margin" in batch:  # issue 8 hook (rm_toolkit): per-pair ε, m from strength
+        margin, label_smoothing = batch["pair_margin"], batch["pair_smoothing"]
+    elif not margin:
+        margin = None
     return kwise_ranking_loss(rewards, batch["ranks"], _valid(batch), tie_mode=tie_mode,
-                              margin=margin if margin else None,
-                              label_smoothing=label_smoothing)
+                              margin=margin, label_smoothing=label_smoothing)
 
 
 def num_prompts_with_pairs(batch, tie_mode: str):
@@ -96,7 +99,7 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
     def evaluate(state):
         acc = {}
         for b in eval_batches():
-            out = jax.device_get(sums(state["params"], common.to_global(b, mesh)))
+            out = jax.device_get(sums(state["params"], common.to_global(b, mesh)))  # scalars
             for k, v in out.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
         n = acc.get("num_prompts", 0.0)
@@ -110,40 +113,27 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
 
 
 def centring_mean(config, params, graphdef, tokenizer, train_ds, mesh) -> tuple[float, int]:
-    """Mean reward of the SFT demonstrations (or of the best-ranked training responses)."""
+    """Mean reward of the SFT demonstrations (`rm.center_data`), or, when its path is "", of
+    the best-ranked (rank 0) responses of the training rankings; at most rm.center_examples."""
     rc = config.rm
     limit = int(rc.center_examples)
-    bs = int(config.train.batch_size)
     reward_fn = jax.jit(functools.partial(sequence_rewards, graphdef=graphdef))
-    pi, pc = jax.process_index(), jax.process_count()
+    ds = build_dataset(rc.center_data, tokenizer) if rc.center_data.path else train_ds
+    it = ds.iterator(int(config.train.batch_size), shuffle=False, drop_remainder=False,
+                     num_epochs=1, process_index=jax.process_index(),
+                     process_count=jax.process_count())
     total, count = 0.0, 0
-    if rc.center_data.path:
-        ds = build_dataset(rc.center_data, tokenizer)
-        it = ds.iterator(bs, shuffle=False, drop_remainder=False, num_epochs=1,
-                         process_index=pi, process_count=pc)
-        for b in it:
-            g = common.to_global(b, mesh)
-            r = np.asarray(jax.device_get(reward_fn(params, tokens=g["tokens"],
-                                                    mask=g["attention_mask"])))
-            keep = np.asarray(jax.device_get(g["batch_mask"])) > 0
-            total += float(r[keep].sum())
-            count += int(keep.sum())
-            if count >= limit:
-                break
-    else:
-        it = train_ds.iterator(bs, shuffle=False, drop_remainder=False, num_epochs=1,
-                               process_index=pi, process_count=pc)
-        for b in it:
-            g = common.to_global(b, mesh)
-            r = np.asarray(jax.device_get(reward_fn(params, tokens=g["tokens"],
-                                                    mask=g["attention_mask"])))
-            best = ((np.asarray(jax.device_get(g["ranks"])) == 0)
-                    & (np.asarray(jax.device_get(g["valid"])) > 0)
-                    & (np.asarray(jax.device_get(g["batch_mask"]))[:, None] > 0))
-            total += float(r[best].sum())
-            count += int(best.sum())
-            if count >= limit:
-                break
+    for b in it:
+        g = common.to_global(b, mesh)
+        r = common.host_array(reward_fn(params, tokens=g["tokens"], mask=g["attention_mask"]))
+        keep = common.host_array(g["batch_mask"]) > 0
+        if r.ndim == 2:  # rankings [B, K]: the best response of each prompt
+            keep = ((common.host_array(g["ranks"]) == 0) & (common.host_array(g["valid"]) > 0)
+                    & keep[:, None])
+        total += float(r[keep].sum())
+        count += int(keep.sum())
+        if count >= limit:
+            break
     return (total / count if count else 0.0), count
 
 
@@ -172,11 +162,18 @@ def run(config, stage_dir: str):
                                               int(config.seed))
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
                         save_every=tc.save_every)
+    # Issue 8 hook: MOSS options of config.rm (jaxrlhf.trainers.rm_toolkit); None = all off.
+    from jaxrlhf.trainers import rm_toolkit
+    toolkit = rm_toolkit.setup(config, train_ds, tokenizer, mesh, stage_dir)
+    if toolkit is not None:
+        train_iter = toolkit.wrap_iterator(train_iter)
+    step_fn, step_kw = (train_step, {}) if toolkit is None else (toolkit.step_fn,
+                                                                 toolkit.step_kw)
     state, _ = common.restore_or_init(ckpt, state, state_sh, train_iter)
     step = common.compile_step(
-        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
+        functools.partial(step_fn, graphdef=graphdef, optimizer=optimizer,
                           schedule=schedule, grad_accum=int(tc.grad_accum),
-                          on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw), state_sh)
+                          on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw, **step_kw), state_sh)
     eval_fn = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw)
                if eval_ds is not None else None)
     result = common.train_loop(
@@ -202,7 +199,8 @@ def run(config, stage_dir: str):
                **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
                "centring_shift": bias_shift, "centring_examples": n_centre,
                "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-               "data_rejected": train_ds.report.n_rejected}
+               "data_rejected": train_ds.report.n_rejected,
+               **({"moss": toolkit.info} if toolkit is not None else {})}  # issue 8 hook
     if jax.process_index() == 0:
         write_summary(stage_dir, summary)
         plot_curves(stage_dir, [["loss"], ["accuracy"], ["mean_margin"]], title="Reward model")
