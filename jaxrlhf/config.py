@@ -6,7 +6,8 @@
 Fields (`--config.<field>=value` overrides any of them from the command line; unknown fields
 are an error):
 
-  stage        "sft" | "rm" | "ppo" | "pipeline"
+  stage        "sft" | "rm" | "ppo" | "pipeline" | "rm_ensemble" (M reward models in one
+               vmapped step + preference strength; `jaxrlhf.trainers.rm_ensemble`)
   seed         seeds init, data order and sampling; the same seed gives the same run
   init_from    "" (fresh init from `model`), a local HF directory (config.json + safetensors),
                or a jaxrlhf stage directory (its exported `hf/` is used)
@@ -40,7 +41,7 @@ from ml_collections import config_dict
 
 from jaxrlhf.models.config import ModelConfig
 
-STAGES = ("sft", "rm", "ppo", "pipeline")
+STAGES = ("sft", "rm", "ppo", "pipeline", "rm_ensemble")
 
 
 def _model_block() -> ml_collections.ConfigDict:
@@ -80,7 +81,8 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c.model = _model_block()
 
     c.data = default_data_config()
-    c.data.format = {"sft": "sft", "rm": "ranking"}.get(stage, "prompt")
+    c.data.format = {"sft": "sft", "rm": "ranking", "rm_ensemble": "ranking"}.get(stage,
+                                                                                "prompt")
     c.eval_data = default_data_config()
     c.eval_data.path = ""
     c.eval_data.format = c.data.format
@@ -120,6 +122,27 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     r.center_data.format = "sft"
     r.center_examples = 512      # at most this many demonstrations are scored for centring
     r.export_hf = True
+    # MOSS toolkit (issue 8; jaxrlhf.trainers.rm_toolkit / rm_ensemble). Defaults: all off.
+    r.ensemble_size = 4          # rm_ensemble stage: M members (seeds and data orders seed + m)
+    r.strength_file = ""         # strength.jsonl (rm_ensemble output): per-pair mean mu / std
+    r.flip_fraction = 0.0        # reverse the labels of this fraction of lowest-mu pairs
+    r.soft_labels = False        # target P(chosen > rejected) = sigmoid(mu / soft_label_temperature)
+    r.soft_label_temperature = 1.0
+    r.adaptive_margin = 0.0      # alpha > 0: margin += clip(alpha * mu, +-adaptive_margin_max)
+    r.adaptive_margin_max = 5.0
+    r.contrastive_coef = 0.0     # + coef * SimCSE InfoNCE on pair differences of hidden states
+    r.contrastive_temperature = 0.05
+    r.contrastive_dropout = 0.1  # feature dropout that makes the two SimCSE views
+    r.meta_rm = False            # MetaRM: ascent on the difference loss of policy samples first
+    r.meta_data = ""             # file of {prompt, responses: [...]} policy samples, or
+    r.meta_actor = ""            # a stage/HF dir to sample rm.meta_k responses per prompt from
+    r.meta_num_prompts = 256     # prompts sampled from meta_actor
+    r.meta_k = 2
+    r.meta_max_new_tokens = 16
+    r.meta_temperature = 1.0
+    r.meta_batch_size = 16       # meta rows per step
+    r.meta_lr = 0.01             # eta of the inner ascent step theta' = theta + eta grad J
+    r.meta_first_order = False   # drop the second-order term of the MetaRM gradient
 
     c.ppo = ppo_block()
     c.ptx_data = default_data_config()      # pretraining text for the ptx term (ppo.ptx_coef)
@@ -132,6 +155,8 @@ def ppo_block() -> ml_collections.ConfigDict:
     p = ml_collections.ConfigDict()
     p.actor_init = ""          # SFT stage dir or HF dir: actor and frozen reference
     p.reward_init = ""         # RM stage dir or HF dir (score head): frozen reward model
+    p.reward_ensemble = ""     # issue 8: an rm_ensemble stage dir; score = mean - coef * std
+    p.uncertainty_coef = 0.0   # lambda of the ensemble score (0 = the ensemble mean)
     p.critic_init = ""         # "" = reward_init (InstructGPT: critic starts from the RM)
     p.ref_init = ""            # "" = actor_init; iterated RLHF keeps the SFT model as reference
     p.critic = "separate"      # "separate" model, or "shared": value head on the actor's trunk

@@ -47,6 +47,67 @@ def _bcast(w, ndim: int):
     return w.reshape((1,) * (ndim - w.ndim) + w.shape)
 
 
+def _flat_matmul(x, w):
+    """x [..., K] @ w (leading axes flattened to K, trailing to N) -> [..., N], in x's dtype."""
+    return x @ w.astype(x.dtype).reshape(x.shape[-1], -1)
+
+
+@jax.custom_vjp
+def linear(x_NxK, w_KxM):
+    """x @ w: x [..., K] times a weight whose leading axes flatten to K and trailing axes to
+    M ([D, H, Dh] for wq, [H, Dh, D] for wo, [D, F] ...). Returns [..., M] in x's dtype (the
+    weight is cast to it).
+
+    Same values and gradients as `x @ w.astype(x.dtype).reshape(K, M)`; the hand-written VJP
+    only fixes how the backward matmuls are laid out and what is saved:
+      * JAX's own transpose rule computes dw as dot(g, x) followed by a transpose, which XLA's
+        CPU backend folds into a transposed COPY of the large [tokens, M] cotangent (fused
+        with the elementwise backward of SwiGLU it cost ~10% of a base-preset training step).
+        Here dw = xᵀ g is one dot reading both operands in place.
+      * The residual is the weight as stored, not its cast/reshaped copy, so a layer scan
+        does not stack per-layer copies of the weights for the backward pass.
+    """
+    return _flat_matmul(x_NxK, w_KxM)
+
+
+def _linear_fwd(x, w):
+    return _flat_matmul(x, w), (x, w)
+
+
+def _linear_bwd(res, g):
+    x, w = res
+    k = x.shape[-1]
+    w2 = w.astype(x.dtype).reshape(k, -1)
+    g2 = g.reshape(-1, g.shape[-1])
+    dx = jax.lax.dot_general(g2, w2, (((1,), (1,)), ((), ())))                   # g wᵀ
+    dw = jax.lax.dot_general(x.reshape(-1, k), g2, (((0,), (0,)), ((), ())))   # xᵀ g
+    return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up, saving only its two inputs for the backward pass."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    dgate = g * up * (sig + silu * (1.0 - sig))
+    return dgate.astype(gate.dtype), (g * silu).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Norm(nnx.Module):
     """RMSNorm (Llama, Qwen2) or LayerNorm with bias (GPT-2), computed in float32."""
 
@@ -96,15 +157,20 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
-    """Rotates halves (HF "rotate_half" layout): [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+    """Rotates halves (HF "rotate_half" layout): [x1, x2] -> [x1 c - x2 s, x2 c + x1 s].
+
+    Computed as x * [c, c] + [x2, x1] * [-s, s] (bitwise the same values): full-width
+    tables and one swap of halves make a single elementwise pass, ~3x faster on CPU (with
+    its backward ~4x) than concatenating the two rotated halves.
+    """
     angles = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos_full = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+    sin_signed = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
     x = x_BxTxNxDh.astype(jnp.float32)
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxNxDh.dtype)
+    swapped = jnp.concatenate([x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos_full + swapped * sin_signed).astype(x_BxTxNxDh.dtype)
 
 
 class Attention(nnx.Module):
@@ -128,9 +194,10 @@ class Attention(nnx.Module):
 
     def qkv(self, x_BxTxD, positions_BxT):
         cfg, dt = self.cfg, x_BxTxD.dtype
-        q = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dke->btke", x_BxTxD, self.wv[...].astype(dt))
+        b, t, _ = x_BxTxD.shape
+        # Projections as flat [D, N*Dh] matmuls (a free reshape of the [D, N, Dh] weights).
+        proj = lambda w: linear(x_BxTxD, w[...]).reshape(b, t, -1, cfg.dim_per_head)
+        q, k, v = proj(self.wq), proj(self.wk), proj(self.wv)
         if cfg.qkv_bias:
             q = q + _bcast(self.bq[...].astype(dt), 4)
             k = k + _bcast(self.bk[...].astype(dt), 4)
@@ -155,9 +222,9 @@ class Attention(nnx.Module):
         # no operand transpose (measured 2x faster at T=128, ~10x in single-token decode).
         out = jnp.einsum("bkgts,bskd->bkgtd", probs, v_BxSxKxDh)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
-        # One flat contraction: with two contracting dims (h, e) XLA's CPU layout assignment
-        # transposed (copied) wo at every call instead of the small activation.
-        out = out @ self.wo[...].astype(dt).reshape(h * dh, -1)
+        # One flat contraction (`linear` flattens wo to [H*Dh, D]): with two contracting dims
+        # (h, e) XLA's CPU layout assignment transposed (copied) wo at every call instead.
+        out = linear(out, self.wo[...])
         if cfg.out_bias:
             out = out + _bcast(self.bo[...].astype(dt), 3)
         return out
@@ -189,13 +256,13 @@ class MLP(nnx.Module):
         cfg, dt = self.cfg, x_BxTxD.dtype
 
         def dense(x, name):  # x @ w_<name> (+ b_<name> when the config has MLP biases)
-            y = x @ getattr(self, "w_" + name)[...].astype(dt)
+            y = linear(x, getattr(self, "w_" + name)[...])
             if not cfg.mlp_bias:
                 return y
             return y + _bcast(getattr(self, "b_" + name)[...].astype(dt), y.ndim)
 
         if cfg.mlp == "swiglu":
-            h = jax.nn.silu(dense(x_BxTxD, "gate")) * dense(x_BxTxD, "up")
+            h = swiglu(dense(x_BxTxD, "gate"), dense(x_BxTxD, "up"))
             return dense(h, "down")
         return dense(jax.nn.gelu(dense(x_BxTxD, "fc"), approximate=True), "proj")
 
@@ -331,7 +398,7 @@ class Transformer(nnx.Module):
             s = h_BxTxD @ self.score_w[...].astype(dt)
             return s.astype(jnp.float32) + self.score_b[...].astype(jnp.float32)
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return (h_BxTxD @ w.astype(dt)).astype(jnp.float32)
+        return linear(h_BxTxD, w).astype(jnp.float32)
 
     def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
         return self.apply_head(self.hidden(tokens_BxT, mask_BxT, positions_BxT))

@@ -69,6 +69,17 @@ def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str)
     return logits, values
 
 
+def reward_score(rm_params, rm_graphdef, tokens, mask, opts):
+    """The frozen RM's score at the last real token; with ppo.reward_ensemble (issue 8) the
+    stacked ensemble's mean − ppo.uncertainty_coef · std (`rm_ensemble.uncertainty_reward`)."""
+    if opts.get("reward_ensemble"):
+        from jaxrlhf.trainers.rm_ensemble import uncertainty_reward
+        return uncertainty_reward(rm_params, rm_graphdef, tokens, mask,
+                                  coef=float(opts["uncertainty_coef"]))
+    rm = nnx.merge(rm_graphdef, rm_params)
+    return gather_last(rm(tokens, mask), mask)
+
+
 def _sampling_kw(opts):
     return dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"])
 
@@ -85,8 +96,7 @@ def make_experience(state, frozen, rollout, *, graphdefs, opts):
     ref = nnx.merge(graphdefs["ref"], frozen["ref"])
     ref_logits = ref.apply_head(ref.hidden(tokens, mask)[:, -n - 1:-1])
     ref_logp = sampling_logprobs(ref_logits, resp, **_sampling_kw(opts))
-    rm = nnx.merge(graphdefs["reward"], frozen["reward"])
-    raw_score = gather_last(rm(tokens, mask), mask)
+    raw_score = reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts)
 
     finished = rollout["finished"]
     score = raw_score - opts["missing_eos_penalty"] * (1.0 - finished.astype(jnp.float32))
@@ -181,8 +191,7 @@ def eval_scores(actor_params, frozen, rollout, *, graphdefs, opts):
 
     kl = jnp.sum(jnp.where(valid, logp(graphdefs["actor"], actor_params)
                            - logp(graphdefs["ref"], frozen["ref"]), 0.0), axis=-1)
-    rm = nnx.merge(graphdefs["reward"], frozen["reward"])
-    return gather_last(rm(tokens, mask), mask), kl
+    return reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts), kl
 
 
 class _PolicyEval:
@@ -278,7 +287,11 @@ def _opts(config) -> Dict[str, Any]:
             "clip_eps", "dual_clip", "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef",
             "loss_agg", "whiten_advantages", "reward_clip", "reward_norm",
             "missing_eos_penalty")
-    return {k: pc[k] for k in keys}
+    opts = {k: pc[k] for k in keys}
+    # Issue 8 hook: score with an rm_ensemble (mean − uncertainty_coef · std).
+    opts.update(reward_ensemble=bool(pc.get("reward_ensemble")),
+                uncertainty_coef=float(pc.get("uncertainty_coef", 0.0)))
+    return opts
 
 
 class _GoldScorer:
@@ -326,18 +339,26 @@ def run(config, stage_dir: str):
     pc, tc = config.ppo, config.train
     opts = _opts(config)
     mesh = common.mesh_from_config(config)
-    if not pc.actor_init or not pc.reward_init:
+    if not pc.actor_init or not (pc.reward_init or opts["reward_ensemble"]):
         raise ValueError("PPO needs ppo.actor_init (an SFT stage dir or HF dir) and "
                          "ppo.reward_init (a reward-model stage dir or HF dir).")
     actor_dir = common.resolve_init_dir(pc.actor_init)
-    reward_dir = common.resolve_init_dir(pc.reward_init)
-    critic_dir = common.resolve_init_dir(pc.critic_init or pc.reward_init)
+    if opts["reward_ensemble"]:  # issue 8: member 0 stands in for reward_init (critic, checks)
+        from jaxrlhf.trainers import rm_ensemble
+        reward_dir = common.resolve_init_dir(pc.reward_init or
+                                             rm_ensemble.member_dirs(pc.reward_ensemble)[0])
+    else:
+        reward_dir = common.resolve_init_dir(pc.reward_init)
+    critic_dir = common.resolve_init_dir(pc.critic_init or reward_dir)
     tok_spec = common.tokenizer_spec(config, actor_dir)
     tokenizer = load_tokenizer(tok_spec)
 
     ref_dir = common.resolve_init_dir(pc.ref_init or pc.actor_init)
     ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh)
-    rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh)
+    if opts["reward_ensemble"]:  # issue 8: stacked members [M, ...]
+        rm_gd, rm_params, rm_model = rm_ensemble.load_ensemble(pc.reward_ensemble, mesh)
+    else:
+        rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh)
     common.check_tokenizer(tokenizer, actor_model.cfg,
                            {"actor_init": actor_dir, "reward_init": reward_dir,
                             "critic_init": critic_dir, "ref_init": ref_dir})

@@ -4,6 +4,7 @@
   rm        -> jaxrlhf.trainers.reward.run(config, workdir)
   ppo       -> jaxrlhf.trainers.ppo.run(config, workdir)          (PPO issue)
   pipeline  -> sft -> rm -> ppo in workdir/{sft,rm,ppo}            (PPO issue)
+  rm_ensemble -> jaxrlhf.trainers.rm_ensemble.run(config, workdir)  (M RMs + strength)
 
 Every stage resumes from the latest checkpoint in its directory, so re-running the same
 command after an interruption continues where it stopped.
@@ -14,7 +15,8 @@ import importlib
 import os
 
 STAGE_MODULES = {"sft": "jaxrlhf.trainers.sft", "rm": "jaxrlhf.trainers.reward",
-                 "ppo": "jaxrlhf.trainers.ppo", "pipeline": "jaxrlhf.trainers.pipeline"}
+                 "ppo": "jaxrlhf.trainers.ppo", "pipeline": "jaxrlhf.trainers.pipeline",
+                 "rm_ensemble": "jaxrlhf.trainers.rm_ensemble"}   # issue 8 (MOSS toolkit)
 
 
 def run(config, workdir: str):
