@@ -21,6 +21,7 @@ setup(
         "datasets>=3.0,<6",
         "safetensors>=0.4,<1",
         "tokenizers>=0.20,<1",
+        "jinja2>=3.1,<4",          # HF chat templates
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
