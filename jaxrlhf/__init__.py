@@ -7,6 +7,13 @@ Layout (one concept per module):
   generation.py jit-compiled KV-cache sampler
   trainers/     pure jitted train steps for SFT, reward model and PPO
   sharding.py   device mesh and logical-axis sharding rules
+
+Importing jaxrlhf tunes glibc malloc so XLA's per-step CPU buffers are reused instead of
+page-faulted in at every step (see `jaxrlhf/_host_malloc.py`; JAXRLHF_HOST_MALLOC=default
+turns it off). Import jaxrlhf before jax for it to cover XLA's threads.
 """
+from jaxrlhf._host_malloc import tune_host_malloc as _tune_host_malloc
+
+_tune_host_malloc()
 
 __version__ = "0.1.0"

@@ -15,6 +15,11 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+# First, before jax and torch start threads: tunes glibc malloc for XLA's per-step buffers
+# (`jaxrlhf/_host_malloc.py`), exactly as `python -m jaxrlhf.train` runs. It applies to the
+# whole process, so the PyTorch side of every comparison runs with the same allocator.
+import jaxrlhf  # noqa: E402,F401
+
 
 def pin_cpu_threads(n: int) -> List[int]:
     """Pins the process to the first `n` allowed cores and sets thread-count env vars.

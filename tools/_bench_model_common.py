@@ -1,6 +1,6 @@
 """Helpers for `tools/bench_model.py` (training-step speed against PyTorch).
 
-- `matmul_rate_gflops(n)`: the machine's fp32 matmul rate through XLA, median of repeats.
+- `matmul_probe(n)`, `matmul_rate_gflops(n)`: the machine's fp32 matmul rate through XLA.
 - `model_flops(cfg, ...)`: the model FLOPs of a forward or a training step (formula below).
 - `to_hf_llama_rm(model)`: the same weights as a `transformers.LlamaForSequenceClassification`.
 - `median_times(fns, steps)`: interleaved timing of several step functions.
@@ -32,24 +32,26 @@ from typing import Callable, Dict, Sequence
 import numpy as np
 
 
-def matmul_rate_gflops(n: int = 2048, repeats: int = 10, threads: int = 2) -> Dict[str, float]:
-    """fp32 GFLOP/s of an n×n @ n×n matmul through XLA on this process's threads.
-
-    Returns {"median", "best"} (wall clock) and "cpu_median": the FLOPs over the process CPU
-    time per call divided by `threads` (see `median_times`), over `repeats` calls after a
-    warm-up.
-    """
+def matmul_probe(n: int = 2048):
+    """(blocking callable, FLOPs): an n×n @ n×n fp32 matmul through XLA on this process's
+    threads, compiled and warm. Timed next to each measured step (see `median_times`), its
+    median gives the machine's matmul rate under the same load as the step."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    f(a, b).block_until_ready()
-    wall, cpu = median_times({"mm": lambda: f(a, b).block_until_ready()}, repeats,
-                             threads=threads)
-    flops = 2 * n ** 3
+    for _ in range(2):
+        f(a, b).block_until_ready()
+    return (lambda: f(a, b).block_until_ready()), 2.0 * n ** 3
+
+
+def matmul_rate_gflops(n: int = 2048, repeats: int = 10, threads: int = 2) -> Dict[str, float]:
+    """fp32 GFLOP/s of `matmul_probe(n)`: {"median", "best"} (wall clock) and "cpu_median"
+    (process CPU time / `threads`, see `median_times`) over `repeats` calls."""
+    fn, flops = matmul_probe(n)
+    wall, cpu = median_times({"mm": fn}, repeats, threads=threads)
     return {"median": flops / median(wall["mm"]) / 1e9, "best": flops / min(wall["mm"]) / 1e9,
             "cpu_median": flops / median(cpu["mm"]) / 1e9}
 
@@ -89,51 +91,39 @@ def model_flops(cfg, batch: int, seq: int, *, head: str = "lm", train: bool = Tr
 
 
 def to_hf_llama_rm(model, attn_implementation=None):
-    """A `transformers.LlamaForSequenceClassification` (num_labels=1, fp32) holding the
-    weights of a jaxrlhf score-head model: the trunk as in `_bench_common.to_hf_llama`, and
-    score.weight = score_w[None]. HF's score layer has no bias; jaxrlhf's score_b is a constant
-    added to every reward, which cancels in r_chosen − r_rejected, so the loss is the same."""
+    """A `transformers.LlamaForSequenceClassification` (num_labels=1, fp32, eval mode) with
+    the weights of a jaxrlhf score-head model: the trunk converted by
+    `_bench_common.to_hf_llama` (through an LM-head model holding the same trunk weights),
+    and score.weight = score_w[None]. HF's score layer has no bias; jaxrlhf's score_b is one
+    constant added to every reward, which cancels in r_chosen − r_rejected."""
     import torch
+    from flax import nnx
     from transformers import LlamaForSequenceClassification
 
     import _bench_common as bc
+    from jaxrlhf.models.transformer import init_model
 
     cfg = model.cfg
-    # The trunk: build a throw-away causal LM for the conversion (it needs an lm head; give
-    # it a zero one of the right shape via a temporary attribute-free copy of the weights).
-    lm_like = _ScoreAsLM(model)
-    causal = bc.to_hf_llama(lm_like, attn_implementation)
+    lm = init_model(cfg, head="lm")
+    lm_params = nnx.to_pure_dict(nnx.state(lm))
+    rm_params = nnx.to_pure_dict(nnx.state(model))
+    lm_params.update({k: v for k, v in rm_params.items() if k in lm_params})
+    state = nnx.state(lm)
+    nnx.replace_by_pure_dict(state, lm_params)
+    nnx.update(lm, state)
+    causal = bc.to_hf_llama(lm, attn_implementation)
+
     hf_cfg = bc.hf_llama_config(cfg)
     hf_cfg.num_labels = 1
     if attn_implementation:
         hf_cfg._attn_implementation = attn_implementation
     rm = LlamaForSequenceClassification(hf_cfg).to(torch.float32).eval()
-    sd = {k[len("model."):]: v for k, v in causal.state_dict().items() if k.startswith("model.")}
-    rm.model.load_state_dict(sd, strict=True)
+    trunk = {k[len("model."):]: v for k, v in causal.state_dict().items()
+             if k.startswith("model.")}
+    rm.model.load_state_dict(trunk, strict=True)
     with torch.no_grad():
-        rm.score.weight.copy_(torch.from_numpy(np.asarray(model.score_w[...], np.float32))[None])
+        rm.score.weight.copy_(torch.from_numpy(np.array(model.score_w[...], np.float32))[None])
     return rm
-
-
-class _ScoreAsLM:
-    """Duck-typed view of a score-head model that `to_hf_llama` can read (a zero LM head)."""
-
-    def __init__(self, model):
-        import jax.numpy as jnp
-
-        self.cfg = model.cfg.replace(tie_embeddings=False)
-        self.embed = model.embed
-        self.final_norm = model.final_norm
-        self.layers = model.layers
-        self.lm_head = _Value(jnp.zeros((self.cfg.d_model, self.cfg.vocab_size), jnp.float32))
-
-
-class _Value:
-    def __init__(self, v):
-        self.v = v
-
-    def __getitem__(self, idx):
-        return self.v[idx]
 
 
 def median_times(fns: Dict[str, Callable[[], object]], steps: int,

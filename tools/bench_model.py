@@ -33,16 +33,19 @@ with `jax.block_until_ready`):
 
 Compile time (`compile_s`: `lower` + `compile` of the jitted step) is not in any timing.
 
-MFU = model FLOPs of the call / median wall time / the machine's fp32 matmul rate, measured
-in this run with XLA (2048x2048 @ 2048x2048, median of 10) on the same threads. FLOPs are
-counted as in `_bench_model_common.py`: 6·N·tokens (N = matmul weights incl. the LM head,
-without the embedding lookup) + 12·L·T·H·Dh·tokens for attention scores and values.
+MFU = model FLOPs of the call / its median wall time / the machine's fp32 matmul rate. The
+rate is measured in the same rounds as the steps: each round times the jax call, the torch
+call and an XLA 2048x2048 @ 2048x2048 matmul on the same threads, so a busy machine slows
+the reference as it slows the step (`matmul_gflops` next to each MFU; `machine` also has the
+rate at the start and the end of the run). FLOPs are counted as in `_bench_model_common.py`:
+6·N·tokens (N = matmul weights incl. the LM head, without the embedding lookup) +
+12·L·T·H·Dh·tokens for attention scores and values (the full T×T, both frameworks compute it).
 
 CPU-time cross-check ("cpu" block of each result): the same medians measured as process CPU
 time / threads. On a loaded machine wall time includes waiting for a core, while CPU time
-does not, so `cpu.mfu` (also against the CPU-time matmul rate) is what a quiet machine
-would show if every thread stays busy; on a quiet machine the two agree. Wall time is the
-headline number.
+does not, so `cpu.mfu` (against the matmul's CPU-time rate) is what a quiet machine would
+show if every thread stays busy; on a quiet machine the two agree. Wall time is the
+headline number; PyTorch's CPU time includes its OpenMP threads spinning at barriers.
 
 Prints one JSON object: command, setup, machine (cores, matmul rates), versions, and per
 preset: jax_train_tok_s, torch_train_tok_s, ratio (jax / torch speed), jax_fwd_tok_s,
@@ -153,34 +156,41 @@ def jax_train_step(model, step_fn, tc, batch, **step_kw):
     return run, compile_s
 
 
-def timed_pair(jax_fn, torch_fn, tokens, flops, rate, args):
-    """Warm-up, then interleaved timing of the two; speeds, MFU and the CPU-time block."""
+def timed_pair(jax_fn, torch_fn, tokens, flops, probe, args):
+    """Warm-up, then `--steps` rounds of (jax call, torch call, 2048² matmul), interleaved so
+    that load from other processes hits all three alike. Speeds, and MFU against the matmul
+    rate measured in the same rounds."""
     import numpy as np
 
     for _ in range(args.warmup):
         jax_fn()
         torch_fn()
-    wall, cpu = bmc.median_times({"jax": jax_fn, "torch": torch_fn}, args.steps,
-                                 threads=args.threads)
+    mm_fn, mm_flops = probe
+    wall, cpu = bmc.median_times({"jax": jax_fn, "torch": torch_fn, "matmul": mm_fn},
+                                 args.steps, threads=args.threads)
     tj, tt = bmc.median(wall["jax"]), bmc.median(wall["torch"])
     cj, ct = bmc.median(cpu["jax"]), bmc.median(cpu["torch"])
+    rate = mm_flops / bmc.median(wall["matmul"])          # FLOP/s, wall clock
+    rate_cpu = mm_flops / bmc.median(cpu["matmul"])       # FLOP/s per CPU second / threads
     ms = lambda x: round(x * 1e3, 2)
     return {
         "jax_tok_s": round(tokens / tj, 1), "torch_tok_s": round(tokens / tt, 1),
         "ratio": round(tt / tj, 3),
         "model_flops": flops,
-        "mfu": round(flops / tj / (rate["median"] * 1e9), 4),
-        "torch_mfu": round(flops / tt / (rate["median"] * 1e9), 4),
+        "mfu": round(flops / tj / rate, 4),
+        "torch_mfu": round(flops / tt / rate, 4),
+        "matmul_gflops": round(rate / 1e9, 1),
         "jax_ms": ms(tj), "torch_ms": ms(tt),
         "jax_ms_iqr": [ms(float(np.percentile(wall["jax"], q))) for q in (25, 75)],
         "torch_ms_iqr": [ms(float(np.percentile(wall["torch"], q))) for q in (25, 75)],
         "cpu": {"jax_ms": ms(cj), "torch_ms": ms(ct), "ratio": round(ct / cj, 3),
-                "mfu": round(flops / cj / (rate["cpu_median"] * 1e9), 4),
-                "torch_mfu": round(flops / ct / (rate["cpu_median"] * 1e9), 4)},
+                "mfu": round(flops / cj / rate_cpu, 4),
+                "torch_mfu": round(flops / ct / rate_cpu, 4),
+                "matmul_gflops": round(rate_cpu / 1e9, 1)},
     }
 
 
-def bench_lm(name, args, rate):
+def bench_lm(name, args, probe):
     """Forward and SFT train step of the LM-head model."""
     import jax
     import numpy as np
@@ -216,9 +226,10 @@ def bench_lm(name, args, rate):
 
         diff = float(np.abs(np.asarray(jax_fwd()) - torch_fwd().numpy()).max())
         f = timed_pair(jax_fwd, torch_fwd, n_tok, bmc.model_flops(cfg, BATCH, SEQ, train=False),
-                       rate, args)
+                       probe, args)
         res.update({"jax_fwd_tok_s": f["jax_tok_s"], "torch_fwd_tok_s": f["torch_tok_s"],
                     "fwd_ratio": f["ratio"], "fwd_mfu": f["mfu"], "fwd_max_logit_diff": diff,
+                    "fwd_matmul_gflops": f["matmul_gflops"],
                     "fwd_cpu": f["cpu"]})
 
     if "train" not in skip:
@@ -240,21 +251,24 @@ def bench_lm(name, args, rate):
 
         loss_first = [round(float(jax_step()["loss"]), 5), round(float(torch_step()), 5)]
         t = timed_pair(jax_step, torch_step, n_tok,
-                       bmc.model_flops(cfg, BATCH, SEQ, train=True), rate, args)
+                       bmc.model_flops(cfg, BATCH, SEQ, train=True), probe, args)
         res.update({
             "jax_train_tok_s": t["jax_tok_s"], "torch_train_tok_s": t["torch_tok_s"],
             "ratio": t["ratio"], "compile_s": round(compile_s, 2),
             "model_flops_per_step": t["model_flops"], "mfu": t["mfu"],
-            "torch_mfu": t["torch_mfu"], "jax_step_ms": t["jax_ms"],
+            "torch_mfu": t["torch_mfu"], "matmul_gflops": t["matmul_gflops"],
+            "jax_step_ms": t["jax_ms"],
             "torch_step_ms": t["torch_ms"], "jax_step_ms_iqr": t["jax_ms_iqr"],
             "torch_step_ms_iqr": t["torch_ms_iqr"], "loss_first": loss_first, "cpu": t["cpu"]})
     return res
 
 
-def bench_rm(name, args, rate):
+def bench_rm(name, args, probe):
     """The reward-model train step (score head, pairs)."""
+    import jax
     import numpy as np
     import torch
+    from flax import nnx
 
     from jaxrlhf.models.transformer import init_model
     from jaxrlhf.trainers import reward
@@ -272,11 +286,18 @@ def bench_rm(name, args, rate):
     batch = {"tokens": tokens, "attention_mask": ones,
              "ranks": np.tile(np.array([[0, 1]], np.int32), (RM_PAIRS, 1)),  # 0 = chosen
              "valid": np.ones((RM_PAIRS, 2), np.int32)}
+    ids_t = torch.tensor(tokens.reshape(-1, SEQ), dtype=torch.long)   # rows c0, r0, c1, r1..
+    mask_t = torch.tensor(ones.reshape(-1, SEQ))
+    # Same weights, same rewards (before the train step donates the parameters).
+    graphdef = nnx.graphdef(model)
+    rewards_j = jax.jit(functools.partial(reward.sequence_rewards, graphdef=graphdef))(
+        nnx.to_pure_dict(nnx.state(model)), tokens=tokens, mask=ones)
+    with torch.no_grad():
+        rewards_t = hf(input_ids=ids_t, attention_mask=mask_t).logits[:, 0].view(RM_PAIRS, 2)
+    reward_diff = float(np.abs(np.asarray(rewards_j) - rewards_t.numpy()).max())
     jax_step, compile_s = jax_train_step(
         model, reward.train_step, tc, batch,
         loss_kw=dict(tie_mode="skip", margin=0.0, label_smoothing=0.0))
-    ids_t = torch.tensor(tokens.reshape(-1, SEQ), dtype=torch.long)   # rows c0, r0, c1, r1..
-    mask_t = torch.tensor(ones.reshape(-1, SEQ))
     hf.train()
     opt = torch_adamw(hf, tc)
     params_t = list(hf.parameters())
@@ -294,13 +315,16 @@ def bench_rm(name, args, rate):
     loss_first = [round(float(jax_step()["loss"]), 5), round(float(torch_step()), 5)]
     n_seq = RM_PAIRS * 2
     t = timed_pair(jax_step, torch_step, n_seq * SEQ,
-                   bmc.model_flops(cfg, n_seq, SEQ, head="score", train=True), rate, args)
+                   bmc.model_flops(cfg, n_seq, SEQ, head="score", train=True), probe,
+                   args)
     return {"jax_train_tok_s": t["jax_tok_s"], "torch_train_tok_s": t["torch_tok_s"],
             "ratio": t["ratio"], "compile_s": round(compile_s, 2),
             "model_flops_per_step": t["model_flops"], "mfu": t["mfu"],
-            "torch_mfu": t["torch_mfu"], "jax_step_ms": t["jax_ms"],
+            "torch_mfu": t["torch_mfu"], "matmul_gflops": t["matmul_gflops"],
+            "jax_step_ms": t["jax_ms"],
             "torch_step_ms": t["torch_ms"], "jax_step_ms_iqr": t["jax_ms_iqr"],
-            "torch_step_ms_iqr": t["torch_ms_iqr"], "loss_first": loss_first, "cpu": t["cpu"]}
+            "torch_step_ms_iqr": t["torch_ms_iqr"], "loss_first": loss_first,
+            "max_reward_diff": reward_diff, "cpu": t["cpu"]}
 
 
 def targets(name, res):
@@ -368,6 +392,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rate = bmc.matmul_rate_gflops(threads=args.threads)
+    probe = bmc.matmul_probe()
     out = {
         "command": "python " + " ".join(sys.argv),
         "setup": {"batch": BATCH, "seq": SEQ, "rm_pairs": RM_PAIRS, "vocab": 259,
@@ -386,9 +411,9 @@ def main():
     }
     skip = set(args.skip.split(","))
     for name in args.presets.split(","):
-        res = bench_lm(name, args, rate)
+        res = bench_lm(name, args, probe)
         if "rm" not in skip:
-            res["rm_step"] = bench_rm(name, args, rate)
+            res["rm_step"] = bench_rm(name, args, probe)
         res["targets"] = targets(name, res)
         out["presets"][name] = res
         print(f"[bench_model] {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
