@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from trainer_utils import REPO, load_config, shrink, shrink_ppo, tiny_stage_dirs
+from trainer_utils import REPO, load_config, shrink, shrink_ppo
 
 from jaxrlhf.models import init_model, preset, save_hf
 from jaxrlhf.trainers import runner
@@ -14,15 +14,11 @@ CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(R
                                                                                "*.py")))
 # Extra variants per config, run in addition to the default one.
 VARIANTS = {"sft": ["data=hh", "init_from={hf}"], "rm": ["data=hh", "init_from={hf}"]}
-# Configs whose default needs earlier stages get them from tiny random exports.
+# Configs whose default needs earlier stages get them from tiny random exports (the
+# session-wide `stage_dirs` fixture of conftest.py).
 DEFAULT_ARG = {"ppo": "sft={sft},rm={rm}", "rm_ensemble": "m=2"}
 CASES = [(n, DEFAULT_ARG.get(n, "")) for n in CONFIG_NAMES] + [
     (n, v) for n in CONFIG_NAMES for v in VARIANTS.get(n, [])]
-
-
-@pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    return tiny_stage_dirs(str(tmp_path_factory.mktemp("stages")))
 
 
 def _one_step(name, cfg):
@@ -56,10 +52,10 @@ def test_every_config_has_a_case():
 
 @pytest.mark.parametrize("name,variant", CASES, ids=[f"{n}:{v.split('=')[0] or 'default'}"
                                                      for n, v in CASES])
-def test_config_runs_one_step(tmp_path, name, variant, hf_dir, stages):
+def test_config_runs_one_step(tmp_path, name, variant, hf_dir, stage_dirs):
     if "hh" in variant and not os.path.isdir(HH):
         pytest.skip("../shared/data/hh-rlhf-harmless is absent on this machine")
-    arg = variant.format(hf=hf_dir, sft=stages["sft"], rm=stages["rm"]) or None
+    arg = variant.format(hf=hf_dir, sft=stage_dirs["sft"], rm=stage_dirs["rm"]) or None
     cfg = _one_step(name, load_config(name, arg))
     if "data=hh" in variant:
         for block in ("data", "eval_data"):
