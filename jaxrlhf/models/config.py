@@ -43,6 +43,12 @@ class ModelConfig:
         dtype: compute dtype of activations and matmuls (params are cast at use).
         remat: remat policy name applied to each scanned layer: "none", "full" (save nothing),
             "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
+        scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); 1 keeps
+            compile time independent of depth (the default, and the 1b preset); <= 0 unrolls
+            all layers. The shallow CPU presets (tiny, small, base) unroll fully: on 2 CPU
+            cores the rolled scan spends ~10% of a train step stacking and slicing per-layer
+            residuals (dynamic-update-slice / dynamic-slice copies), and at 4-8 layers
+            compiling the unrolled step is no slower.
         pad_token_id / eos_token_id / bos_token_id: ids written to the HF config on export.
     """
 
@@ -68,6 +74,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1
     pad_token_id: Optional[int] = 256
     eos_token_id: Optional[int] = 258
     bos_token_id: Optional[int] = 257
@@ -147,7 +154,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     }
     if name not in presets:
         raise ValueError(f"Unknown model preset {name!r}; expected one of {sorted(presets)}.")
-    kw = dict(family="llama", vocab_size=259)
+    kw = dict(family="llama", vocab_size=259, scan_unroll=0 if name != "1b" else 1)
     kw.update(presets[name])
     kw.update(overrides)
     return ModelConfig(**kw)

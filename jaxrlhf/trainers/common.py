@@ -130,8 +130,9 @@ def build_model(config, head: str, mesh: Mesh, *, init_dir: str = "", seed: int 
         if m.get("param_dtype") is not None:
             kw["param_dtype"] = m.param_dtype
         model = load_hf(init_dir, head=head, mesh=mesh, rules=rules, **kw)
-        if m.get("remat") is not None and m.remat != model.cfg.remat:
-            model.cfg = model.cfg.replace(remat=m.remat)
+        for field in ("remat", "scan_unroll"):   # how to run, not what the weights are
+            if m.get(field) is not None and m[field] != getattr(model.cfg, field):
+                model.cfg = model.cfg.replace(**{field: m[field]})
         return model
     cfg = model_config_from(m)
     return shd.init_sharded(cfg, head, seed=seed, mesh=mesh, rules=rules)
