@@ -32,7 +32,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 if os.environ["JAXRLHF_TEST_JAX_CACHE"] != "off":
     jax.config.update("jax_compilation_cache_dir", os.environ["JAXRLHF_TEST_JAX_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Programs that compile in under 0.3 s are not worth a cache entry: the cache size limit
+    # makes every write scan the whole directory, so thousands of tiny entries would cost more
+    # than they save.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
     jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from trainer_utils import REPO, load_config, shrink, shrink_ppo
+from trainer_utils import REPO, load_config, shrink, shrink_pipeline, shrink_ppo
 
 from jaxrlhf.models import init_model, preset, save_hf
 from jaxrlhf.trainers import runner
@@ -22,14 +22,10 @@ CASES = [(n, DEFAULT_ARG.get(n, "")) for n in CONFIG_NAMES] + [
 
 
 def _one_step(name, cfg):
-    """Shrinks any config (including the pipeline's stage configs) to one cheap step."""
+    """Shrinks any config to one cheap step. The pipeline gets the short stages of test_ppo.py's
+    pipeline test instead (a few steps each): the same programs, compiled once per session."""
     if name == "tiny_pipeline":
-        for stage in ("sft", "rm"):
-            shrink(cfg.pipeline[stage], steps=1)
-            cfg.pipeline[stage].train.eval_batches = 1
-        shrink_ppo(cfg.pipeline.ppo, iterations=1)
-        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
-        return cfg
+        return shrink_pipeline(cfg)
     if name == "ppo":
         return shrink_ppo(cfg, iterations=1)
     cfg = shrink(cfg, steps=1)

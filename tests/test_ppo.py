@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from trainer_utils import load_config, read_jsonl, shrink, shrink_ppo
+from trainer_utils import load_config, read_jsonl, shrink_pipeline, shrink_ppo
 
 from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data import batching
@@ -115,13 +115,7 @@ def test_ppo_on_eight_devices_matches_one(tmp_path, stage_dirs):
 
 
 def _pipeline_config():
-    c = load_config("tiny_pipeline", "iterations=2")
-    for name in ("sft", "rm"):
-        shrink(c.pipeline[name], steps=4)
-        c.pipeline[name].train.eval_every = 0
-    shrink_ppo(c.pipeline.ppo, iterations=2)
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
-    return c
+    return shrink_pipeline(load_config("tiny_pipeline", "iterations=2"))
 
 
 def test_pipeline_resumes_after_kill_in_each_stage(tmp_path, monkeypatch):

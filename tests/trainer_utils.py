@@ -57,6 +57,18 @@ def shrink_ppo(c, iterations: int = 3):
     return c
 
 
+def shrink_pipeline(c, steps: int = 4, iterations: int = 2):
+    """A tiny pipeline config: SFT and RM stages of `steps` steps (eval at the end only), PPO of
+    `iterations` iterations, one mesh device. test_configs.py and test_ppo.py's pipeline test
+    use the same values, so the session's compilation cache compiles each stage once."""
+    for name in ("sft", "rm"):
+        shrink(c.pipeline[name], steps=steps)
+        c.pipeline[name].train.eval_every = 0
+    shrink_ppo(c.pipeline.ppo, iterations=iterations)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    return c
+
+
 def tiny_stage_dirs(root):
     """A random tiny SFT export and RM export (byte tokenizer), as PPO needs them."""
     from jaxrlhf.data import load_tokenizer
