@@ -102,6 +102,36 @@ def test_ppo_resume_equals_uninterrupted(tmp_path, stage_dirs, monkeypatch):
     assert ra == rb
 
 
+def test_fused_first_update_equals_two_programs(tmp_path, stage_dirs):
+    """One minibatch per epoch: the fused scoring pass + first update (default) against the
+    separate programs (ppo.fused_first_update=False) -- same losses, metrics and parameters up
+    to float rounding (the unfused path permutes the minibatch's rows), over two iterations of
+    two epochs with the ptx term and a separate critic; the fused update's ratio is exactly 1
+    and its approx_kl and clipfrac exactly 0."""
+    runs = {}
+    for fused in (True, False):
+        cfg = _ppo_config(stage_dirs, iterations=2, minibatch_size=8, ptx_coef=0.1,
+                          fused_first_update=fused)
+        d = str(tmp_path / f"fused_{fused}")
+        runner.run(cfg, d)
+        runs[fused] = (_rows(d), _ckpt_state(d))
+    (ra, sa), (rb, sb) = runs[True], runs[False]
+    assert len(ra) == len(rb) == 2
+    for r in ra:
+        assert r["first_ratio_mean"] == 1.0
+        assert r["first_approx_kl"] == 0.0 and r["first_clipfrac"] == 0.0
+    for k in ("rm_score", "kl", "entropy", "loss", "policy_loss", "value_loss", "ptx_loss",
+              "approx_kl", "ratio_mean", "explained_variance", "grad_norm", "value_mean",
+              "return_mean"):
+        np.testing.assert_allclose([r[k] for r in ra], [r[k] for r in rb], rtol=1e-4,
+                                   atol=1e-6, err_msg=k)
+    assert ra[1]["kl"] != 0.0   # the actor moved
+    for part in ("params", "opt_state", "reward_stats"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                     sa[part], sb[part])
+    assert int(sa["updates"]) == int(sb["updates"]) == 4
+
+
 def test_ppo_on_eight_devices_matches_one(tmp_path, stage_dirs):
     cfg = _ppo_config(stage_dirs, **SHARED_RUN)
     runner.run(cfg, str(tmp_path / "one"))

@@ -14,6 +14,8 @@ FAMILIES = ("llama", "qwen2", "gpt2")
 
 # Remat policies selectable by name (see `jaxrlhf.models.transformer.remat_policy`).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# scan_unroll=None (auto) unrolls the layer scan of models up to this depth.
+AUTO_UNROLL_MAX_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +46,13 @@ class ModelConfig:
         remat: remat policy name applied to each scanned layer: "none", "full" (save nothing),
             "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
         scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); 1 keeps
-            compile time independent of depth (the default, and the 1b preset); <= 0 unrolls
-            all layers. The shallow CPU presets (tiny, small, base) unroll fully: on 2 CPU
-            cores the rolled scan spends ~10% of a train step stacking and slicing per-layer
-            residuals (dynamic-update-slice / dynamic-slice copies), and at 4-8 layers
-            compiling the unrolled step is no slower.
+            compile time independent of depth; <= 0 unrolls all layers; None (the default)
+            = auto: all layers when n_layers <= AUTO_UNROLL_MAX_LAYERS (8), else 1. Shallow
+            models (the tiny / small / base presets, and HF checkpoints of up to 8 layers)
+            unroll: on 2 CPU cores the rolled scan spends ~10% of a train step stacking and
+            slicing per-layer residuals (dynamic-update-slice / dynamic-slice copies), and at
+            4-8 layers compiling the unrolled step is no slower. Deep models (the 1b preset)
+            keep compile time flat with a rolled scan.
         pad_token_id / eos_token_id / bos_token_id: ids written to the HF config on export.
     """
 
@@ -74,7 +78,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
-    scan_unroll: int = 1
+    scan_unroll: Optional[int] = None
     pad_token_id: Optional[int] = 256
     eos_token_id: Optional[int] = 258
     bos_token_id: Optional[int] = 257
@@ -110,6 +114,13 @@ class ModelConfig:
     @property
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    def layer_scan_unroll(self) -> int:
+        """The `unroll` of the layer scan: `scan_unroll` resolved (None = auto, <= 0 = all)."""
+        u = self.scan_unroll
+        if u is None:
+            u = 0 if self.n_layers <= AUTO_UNROLL_MAX_LAYERS else 1
+        return self.n_layers if u <= 0 else min(u, self.n_layers)
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -154,7 +165,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     }
     if name not in presets:
         raise ValueError(f"Unknown model preset {name!r}; expected one of {sorted(presets)}.")
-    kw = dict(family="llama", vocab_size=259, scan_unroll=0 if name != "1b" else 1)
+    kw = dict(family="llama", vocab_size=259)
     kw.update(presets[name])
     kw.update(overrides)
     return ModelConfig(**kw)

@@ -374,8 +374,7 @@ class Transformer(nnx.Module):
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         idxs = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
-        unroll = self.cfg.scan_unroll
-        unroll = self.cfg.n_layers if unroll <= 0 else min(unroll, self.cfg.n_layers)
+        unroll = self.cfg.layer_scan_unroll()
         (x, extra), _ = jax.lax.scan(body, (x, carry_extra), (state, idxs), unroll=unroll)
         return x, extra
 

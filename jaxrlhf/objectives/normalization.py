@@ -28,8 +28,10 @@ class RunningMoments(NamedTuple):
 
 def running_moments_init() -> RunningMoments:
     """Empty moments: count 0, mean 0, M2 0."""
-    zero = jnp.zeros((), jnp.float32)
-    return RunningMoments(count=zero, mean=zero, m2=zero)
+    # Three buffers, not one shared zero: the moments live in donated train states, and XLA
+    # refuses to donate one buffer twice.
+    zero = lambda: jnp.zeros((), jnp.float32)
+    return RunningMoments(count=zero(), mean=zero(), m2=zero())
 
 
 def running_moments_merge(a: RunningMoments, b: RunningMoments) -> RunningMoments:

@@ -118,6 +118,15 @@ def check_tokenizer(tokenizer, model_cfg: ModelConfig, init_dirs: Mapping[str, s
                 f"{os.path.join(d, META_FILE)}.")
 
 
+def with_run_options(model, model_block):
+    """`config.model.remat` / `scan_unroll` (how to run, not what the weights are) applied to
+    a loaded model when set."""
+    for field in ("remat", "scan_unroll"):
+        if model_block.get(field) is not None and model_block[field] != getattr(model.cfg, field):
+            model.cfg = model.cfg.replace(**{field: model_block[field]})
+    return model
+
+
 def build_model(config, head: str, mesh: Mesh, *, init_dir: str = "", seed: int = 0,
                 rules=None):
     """Model from init_from (sharded HF load) or a fresh sharded init."""
@@ -129,11 +138,7 @@ def build_model(config, head: str, mesh: Mesh, *, init_dir: str = "", seed: int 
             kw["dtype"] = m.dtype
         if m.get("param_dtype") is not None:
             kw["param_dtype"] = m.param_dtype
-        model = load_hf(init_dir, head=head, mesh=mesh, rules=rules, **kw)
-        for field in ("remat", "scan_unroll"):   # how to run, not what the weights are
-            if m.get(field) is not None and m[field] != getattr(model.cfg, field):
-                model.cfg = model.cfg.replace(**{field: m[field]})
-        return model
+        return with_run_options(load_hf(init_dir, head=head, mesh=mesh, rules=rules, **kw), m)
     cfg = model_config_from(m)
     return shd.init_sharded(cfg, head, seed=seed, mesh=mesh, rules=rules)
 

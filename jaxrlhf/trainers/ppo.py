@@ -9,6 +9,9 @@ One iteration:
   normalisation, clipping) -> per-token KL-penalised rewards -> GAE -> advantage whitening ->
   ppo_epochs x minibatches of jitted actor + critic updates (+ the ptx LM loss on a pretraining
   batch, weighted ppo.ptx_coef) -> KL controller update -> metrics.
+With one minibatch per epoch and no gradient accumulation (`ppo.fused_first_update`, on by
+default) the scoring pass and epoch 0's update are one program sharing the actor and critic
+forwards (`fused_first_update`).
 
 Train state (checkpointed, donated to the update step): {"step" (iterations done),
 "updates" (optimizer updates done), "params": {"actor", "critic"}, "opt_state", "rng",
@@ -84,20 +87,31 @@ def _sampling_kw(opts):
     return dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"])
 
 
-def make_experience(state, frozen, rollout, *, graphdefs, opts):
-    """The scoring pass + reward shaping + GAE: returns (experience, metrics, reward_stats)."""
-    tokens, mask = rollout["tokens"], rollout["mask"]
-    resp, resp_mask = rollout["response_tokens"], rollout["response_mask"]
-    n = resp.shape[1]
-    valid = resp_mask > 0
-    logits, values = policy_forward(state["params"], tokens, mask, n, graphdefs=graphdefs,
+def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
+    """(log π(response) [B, N], entropy [B, N], values [B, N]) at the response positions, under
+    the sampling distribution (`sampling_logprobs`)."""
+    logits, values = policy_forward(params, tokens, mask, resp.shape[1], graphdefs=graphdefs,
                                     critic=opts["critic"])
-    old_logp = sampling_logprobs(logits, resp, **_sampling_kw(opts))
+    logp = sampling_logprobs(logits, resp, **_sampling_kw(opts))
+    return logp, obj.entropy(logits, opts["temperature"]), values
+
+
+def frozen_scores(frozen, rollout, *, graphdefs, opts):
+    """Reference log-probs of the response [B, N] and the reward model's score [B]."""
+    tokens, mask, resp = rollout["tokens"], rollout["mask"], rollout["response_tokens"]
+    n = resp.shape[1]
     ref = nnx.merge(graphdefs["ref"], frozen["ref"])
     ref_logits = ref.apply_head(ref.hidden(tokens, mask)[:, -n - 1:-1])
     ref_logp = sampling_logprobs(ref_logits, resp, **_sampling_kw(opts))
-    raw_score = reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts)
+    return ref_logp, reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts)
 
+
+def shape_experience(state, rollout, outputs, ref_logp, raw_score, *, opts):
+    """Score shaping + KL-penalised rewards + GAE + whitening, from the policy's outputs
+    (π_old, entropy, values) and the frozen models' scores: (experience, metrics, stats)."""
+    old_logp, ent, values = outputs
+    resp, resp_mask = rollout["response_tokens"], rollout["response_mask"]
+    valid = resp_mask > 0
     finished = rollout["finished"]
     score = raw_score - opts["missing_eos_penalty"] * (1.0 - finished.astype(jnp.float32))
     stats = obj.running_moments_update(state["reward_stats"], score)
@@ -109,8 +123,7 @@ def make_experience(state, frozen, rollout, *, graphdefs, opts):
     adv, returns = obj.gae(rewards, values, valid, gamma=opts["gamma"], lam=opts["lam"])
     if opts["whiten_advantages"]:
         adv = obj.masked_whiten(adv, valid)
-    ent = obj.entropy(logits, opts["temperature"])
-    exp = {"tokens": tokens, "mask": mask, "response_tokens": resp,
+    exp = {"tokens": rollout["tokens"], "mask": rollout["mask"], "response_tokens": resp,
            "response_mask": resp_mask, "old_logp": jnp.where(valid, old_logp, 0.0),
            "old_values": jnp.where(valid, values, 0.0), "advantages": adv, "returns": returns}
     lengths = jnp.sum(resp_mask, axis=-1).astype(jnp.float32)
@@ -131,38 +144,61 @@ def make_experience(state, frozen, rollout, *, graphdefs, opts):
     return exp, metrics, stats
 
 
+def make_experience(state, frozen, rollout, *, graphdefs, opts):
+    """The scoring pass + reward shaping + GAE: returns (experience, metrics, reward_stats)."""
+    outputs = policy_outputs(state["params"], rollout["tokens"], rollout["mask"],
+                             rollout["response_tokens"], graphdefs=graphdefs, opts=opts)
+    ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts)
+    return shape_experience(state, rollout, outputs, ref_logp, raw_score, opts=opts)
+
+
+def ppo_losses(outputs, mb, denoms, opts):
+    """PPO clipped policy loss + vf_coef · value loss − entropy_coef · entropy of one
+    (micro)batch of experience, from the policy's outputs on it: (total, diagnostics)."""
+    logp, ent, values = outputs
+    agg = opts["loss_agg"]
+    valid = mb["response_mask"] > 0
+    pg, pm = obj.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], valid,
+                                 clip_eps=opts["clip_eps"],
+                                 dual_clip=opts["dual_clip"] or None, agg=agg, **denoms)
+    vl, vm = obj.value_loss(values, mb["old_values"], mb["returns"], valid,
+                            clip_eps=opts["vf_clip_eps"], agg=agg, **denoms)
+    ent_term = obj.aggregate(ent, valid, agg, **denoms)
+    total = pg + opts["vf_coef"] * vl - opts["entropy_coef"] * ent_term
+    aux = {"policy_loss": pg, "value_loss": vl, "entropy_bonus_term": ent_term,
+           "approx_kl": pm["approx_kl"], "clipfrac": pm["clipfrac"],
+           "ratio_mean": pm["ratio_mean"], "ratio_max": pm["ratio_max"],
+           "vf_clipfrac": vm.get("clipfrac", vm.get("vf_clipfrac", 0.0)),
+           "explained_variance": vm.get("explained_variance", 0.0)}
+    return total, aux
+
+
+def ptx_term(actor_params, mb, *, graphdefs, opts, denoms):
+    """The pretraining LM loss of the ptx batch in `mb` (keys ptx_tokens, ...)."""
+    actor = nnx.merge(graphdefs["actor"], actor_params)
+    logits = actor(mb["ptx_tokens"], mb["ptx_attention_mask"])
+    return obj.ptx_loss(logits, mb["ptx_tokens"], mb["ptx_loss_mask"], agg=opts["loss_agg"],
+                        **denoms)[0]
+
+
+def _ptx_denoms(batch):
+    return obj.aggregation_denominators(batch["ptx_loss_mask"][:, 1:] > 0)
+
+
 def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accum: int):
     """One PPO(-ptx) update on a minibatch of experience (and a ptx batch): (state, metrics)."""
-    n = batch["response_tokens"].shape[1]
-    agg = opts["loss_agg"]
     denoms = obj.aggregation_denominators(batch["response_mask"] > 0)
     use_ptx = opts["ptx_coef"] > 0
     if use_ptx:
-        ptx_denoms = obj.aggregation_denominators(batch["ptx_loss_mask"][:, 1:] > 0)
+        ptx_denoms = _ptx_denoms(batch)
 
     def contribution(params, mb):
-        valid = mb["response_mask"] > 0
-        logits, values = policy_forward(params, mb["tokens"], mb["mask"], n,
-                                        graphdefs=graphdefs, critic=opts["critic"])
-        logp = sampling_logprobs(logits, mb["response_tokens"], **_sampling_kw(opts))
-        pg, pm = obj.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], valid,
-                                     clip_eps=opts["clip_eps"],
-                                     dual_clip=opts["dual_clip"] or None, agg=agg, **denoms)
-        vl, vm = obj.value_loss(values, mb["old_values"], mb["returns"], valid,
-                                clip_eps=opts["vf_clip_eps"], agg=agg, **denoms)
-        ent = obj.entropy(logits, opts["temperature"])
-        ent_term = obj.aggregate(ent, valid, agg, **denoms)
-        total = pg + opts["vf_coef"] * vl - opts["entropy_coef"] * ent_term
-        aux = {"policy_loss": pg, "value_loss": vl, "entropy_bonus_term": ent_term,
-               "approx_kl": pm["approx_kl"], "clipfrac": pm["clipfrac"],
-               "ratio_mean": pm["ratio_mean"], "ratio_max": pm["ratio_max"],
-               "vf_clipfrac": vm.get("clipfrac", vm.get("vf_clipfrac", 0.0)),
-               "explained_variance": vm.get("explained_variance", 0.0)}
+        outputs = policy_outputs(params, mb["tokens"], mb["mask"], mb["response_tokens"],
+                                 graphdefs=graphdefs, opts=opts)
+        total, aux = ppo_losses(outputs, mb, denoms, opts)
         if use_ptx:
-            actor = nnx.merge(graphdefs["actor"], params["actor"])
-            ptx_logits = actor(mb["ptx_tokens"], mb["ptx_attention_mask"])
-            pl, _ = obj.ptx_loss(ptx_logits, mb["ptx_tokens"], mb["ptx_loss_mask"], agg=agg,
-                                 **ptx_denoms)
+            pl = ptx_term(params["actor"], mb, graphdefs=graphdefs, opts=opts,
+                          denoms=ptx_denoms)
             total = total + opts["ptx_coef"] * pl
             aux["ptx_loss"] = pl
         return total, aux
@@ -176,6 +212,46 @@ def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accu
         aux["ratio_max"] = aux["ratio_max"] / grad_accum
     metrics.update(loss=loss, **aux)
     return state, metrics
+
+
+def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimizer, schedule,
+                       opts):
+    """`make_experience` and the first `update_step` as one program, for one minibatch per
+    epoch (minibatch_size == rollout_batch) and no gradient accumulation.
+
+    The first update is taken at the parameters that scored the rollout, on the whole batch,
+    so the scoring pass's actor and critic forwards ARE the update's forwards: they run once,
+    under `jax.vjp`; π_old and the old values are their outputs, the rewards / GAE /
+    whitening are computed from them (no gradient flows there), and the PPO loss's gradient
+    with respect to (log π, entropy, values) is pulled back through the same forward. Same
+    loss and gradient as `make_experience` followed by `update_step`, with two fewer model
+    forwards per iteration; the ratio of this update is exactly 1 (π_θ and π_old are one
+    array). Only the row order differs from the unfused path (which permutes the minibatch),
+    so results agree to float rounding. Returns (state, experience, experience metrics,
+    update metrics); the state carries the new reward statistics.
+    """
+    fwd = lambda p: policy_outputs(p, rollout["tokens"], rollout["mask"],
+                                   rollout["response_tokens"], graphdefs=graphdefs, opts=opts)
+    outputs, pullback = jax.vjp(fwd, state["params"])
+    ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts)
+    exp, m_exp, stats = shape_experience(state, rollout, jax.lax.stop_gradient(outputs),
+                                         ref_logp, raw_score, opts=opts)
+    denoms = obj.aggregation_denominators(exp["response_mask"] > 0)
+    (loss, aux), cotangents = jax.value_and_grad(
+        lambda o: ppo_losses(o, exp, denoms, opts), has_aux=True)(outputs)
+    (grads,) = pullback(cotangents)
+    if ptx_batch is not None:
+        pl, g_ptx = jax.value_and_grad(
+            lambda a: ptx_term(a, ptx_batch, graphdefs=graphdefs, opts=opts,
+                               denoms=_ptx_denoms(ptx_batch)))(state["params"]["actor"])
+        grads = dict(grads, actor=jax.tree.map(lambda g, h: g + opts["ptx_coef"] * h,
+                                               grads["actor"], g_ptx))
+        loss = loss + opts["ptx_coef"] * pl
+        aux["ptx_loss"] = pl
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, "stop",
+                                         counter="updates")
+    metrics.update(loss=loss, **aux)
+    return dict(state, reward_stats=stats), exp, m_exp, metrics
 
 
 def eval_scores(actor_params, frozen, rollout, *, graphdefs, opts):
@@ -255,9 +331,9 @@ class _PolicyEval:
 # ------------------------------------------------------------------------------------------
 # Set-up helpers.
 
-def _load_frozen(init_dir, head, mesh):
+def _load_frozen(init_dir, head, mesh, model_block):
     from jaxrlhf.models import load_hf
-    model = load_hf(init_dir, head=head, mesh=mesh)
+    model = common.with_run_options(load_hf(init_dir, head=head, mesh=mesh), model_block)
     return nnx.graphdef(model), common.params_of(model), model
 
 
@@ -354,11 +430,11 @@ def run(config, stage_dir: str):
     tokenizer = load_tokenizer(tok_spec)
 
     ref_dir = common.resolve_init_dir(pc.ref_init or pc.actor_init)
-    ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh)
+    ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh, config.model)
     if opts["reward_ensemble"]:  # issue 8: stacked members [M, ...]
         rm_gd, rm_params, rm_model = rm_ensemble.load_ensemble(pc.reward_ensemble, mesh)
     else:
-        rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh)
+        rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh, config.model)
     common.check_tokenizer(tokenizer, actor_model.cfg,
                            {"actor_init": actor_dir, "reward_init": reward_dir,
                             "critic_init": critic_dir, "ref_init": ref_dir})
@@ -372,7 +448,7 @@ def run(config, stage_dir: str):
     if ref_dir == actor_dir:
         actor_params = jax.tree.map(jnp.copy, ref_params)
     else:
-        _, actor_params, _ = _load_frozen(actor_dir, "lm", mesh)
+        _, actor_params, _ = _load_frozen(actor_dir, "lm", mesh, config.model)
     graphdefs = {"actor": ref_gd, "ref": ref_gd, "reward": rm_gd}
     params_sh = {"actor": common.param_shardings(actor_model, mesh)}
     if pc.critic == "shared":
@@ -382,7 +458,7 @@ def run(config, stage_dir: str):
                          "b": jax.device_put(jnp.zeros((), jnp.float32), rep)}
         params_sh["critic"] = {"w": rep, "b": rep}
     else:
-        cgd, critic_params, critic_model = _load_frozen(critic_dir, "score", mesh)
+        cgd, critic_params, critic_model = _load_frozen(critic_dir, "score", mesh, config.model)
         critic_params = jax.tree.map(jnp.copy, critic_params)
         graphdefs["critic"] = cgd
         params_sh["critic"] = common.param_shardings(critic_model, mesh)
@@ -434,6 +510,13 @@ def run(config, stage_dir: str):
                           schedule=schedule, opts=opts, grad_accum=int(pc.grad_accum)),
         in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
     kl_update = jax.jit(obj.kl_controller_update)
+    fused = bool(pc.fused_first_update) and n_mb == 1 and int(pc.grad_accum) == 1
+    if fused:  # one minibatch: the scoring pass and the first update share their forwards
+        fused_fn = jax.jit(
+            functools.partial(fused_first_update, graphdefs=graphdefs, optimizer=optimizer,
+                              schedule=schedule, opts=opts),
+            in_shardings=(state_sh, None, None, None),
+            out_shardings=(state_sh, None, None, None), donate_argnums=(0,))
 
     start = int(jax.device_get(state["step"]))
     logger = MetricsLogger(stage_dir, total_steps=int(pc.iterations), start_step=start,
@@ -478,25 +561,29 @@ def run(config, stage_dir: str):
             rollout = {"tokens": res.tokens, "mask": res.mask,
                        "response_tokens": res.response_tokens,
                        "response_mask": res.response_mask, "finished": res.finished}
-            exp, m_exp, stats = experience_fn(state, frozen, rollout)
-            state = dict(state, reward_stats=stats)
-
             ptx_all = None
             if ptx_iter is not None:
                 ptx_all = common.to_global(
                     {k_: v for k_, v in next(ptx_iter).items()
                      if k_ in ("tokens", "attention_mask", "loss_mask")}, mesh)
+            ptx_mb = lambda k_: None if ptx_all is None else {
+                f"ptx_{key}": v[k_ * pc.ptx_batch_size:(k_ + 1) * pc.ptx_batch_size]
+                for key, v in ptx_all.items()}
             upd_metrics = []
-            k = 0
-            for epoch in range(int(pc.ppo_epochs)):
+            if fused:  # scoring pass + epoch 0's single update in one program
+                state, exp, m_exp, um = fused_fn(state, frozen, rollout, ptx_mb(0))
+                upd_metrics.append(um)
+            else:
+                exp, m_exp, stats = experience_fn(state, frozen, rollout)
+                state = dict(state, reward_stats=stats)
+            k = len(upd_metrics)  # updates done this iteration (indexes the ptx batches)
+            for epoch in range(k, int(pc.ppo_epochs)):  # fused: one update per epoch, 0 done
                 perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch),
                                                          int(pc.rollout_batch)))
                 for j in range(n_mb):
                     idx = perm[j * pc.minibatch_size:(j + 1) * pc.minibatch_size]
                     mb = {key: v[idx] for key, v in exp.items()}
-                    if ptx_all is not None:
-                        lo, hi = k * pc.ptx_batch_size, (k + 1) * pc.ptx_batch_size
-                        mb.update({f"ptx_{key}": v[lo:hi] for key, v in ptx_all.items()})
+                    mb.update(ptx_mb(k) or {})
                     k += 1
                     state, um = update_fn(state, mb)
                     upd_metrics.append(um)
