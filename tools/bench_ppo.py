@@ -35,8 +35,11 @@ reward) -> KL-penalised rewards -> GAE -> whitening -> one actor+critic update, 
 trainer's loop does around it every iteration (metrics read back to the host, KL controller
 update, TRL's gc.collect / logging callbacks). The two trainers do not do identical work:
 TRL takes the actor's old log-probs from the scores `generate` returns (no actor forward in
-its scoring pass), while jaxrlhf runs a full actor forward over prompt + response (its
-pi_old is the exact sampling distribution; three vs four forwards per scoring pass); jaxrlhf
+its scoring pass: reference, value and reward forwards, then the update's actor and value
+forward + backward), while jaxrlhf, with one minibatch, fuses its scoring pass with the
+update (`ppo.fused_first_update`): reference and reward forwards, then one actor and critic
+forward + backward whose forward outputs are pi_old (exactly the sampling distribution, ratio
+exactly 1) and the old values -- one forward fewer than TRL per iteration; jaxrlhf
 clips the global gradient norm at 1.0 and TRL's PPO loop does not clip; jaxrlhf's AdamW is
 optax with separate actor / critic learning rates, TRL's is torch AdamW over both models.
 
