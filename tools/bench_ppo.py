@@ -454,28 +454,34 @@ def jax_worker(spec_path):
     print(json.dumps(run_jax(args, spec["dirs"], spec["prompts_path"], spec["stage_dir"])))
 
 
+def _run_worker(flag, spec, spec_path, env=None):
+    """Runs this script as `flag SPEC_PATH` in a child process (it inherits the CPU affinity)
+    with `spec` written to spec_path: (JSON of its last stdout line or None, exit code)."""
+    import subprocess
+
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag, spec_path],
+                          stdout=subprocess.PIPE, env=env, text=True)
+    if proc.returncode != 0:
+        return None, proc.returncode
+    return json.loads(proc.stdout.strip().splitlines()[-1]), 0
+
+
 def run_jax_subprocess(args, dirs, prompts_path, stage_dir):
     """jaxrlhf's trainer in a child process pinned to the same cores, so every preset starts
     from a fresh process, as each TRL run does (measured here: small's iteration is ~6%
     slower when it runs after tiny in one process)."""
-    import subprocess
-
     spec = {"args": vars(args), "dirs": dirs, "prompts_path": prompts_path,
             "stage_dir": stage_dir}
-    spec_path = stage_dir + "_jax_spec.json"
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--jax-worker",
-                           spec_path], stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"jaxrlhf worker failed (exit {proc.returncode}); see stderr")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out, rc = _run_worker("--jax-worker", spec, stage_dir + "_jax_spec.json")
+    if rc:
+        raise RuntimeError(f"jaxrlhf worker failed (exit {rc}); see stderr")
+    return out
 
 
 def run_trl_subprocess(args, actor, rm, prompt_ids, work):
     """TRL in a child process (pinned to the same cores): (result dict or None, error)."""
-    import subprocess
-
     import numpy as np
     import torch
 
@@ -489,15 +495,11 @@ def run_trl_subprocess(args, actor, rm, prompt_ids, work):
             "hf_dirs": hf_dirs, "prompt_ids": np.asarray(prompt_ids).tolist(),
             "threads": trl_thread_counts(args), "out_dir": work,
             "expected_logits": os.path.join(work, "expected_logits.npy")}
-    spec_path = os.path.join(work, "trl_spec.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--trl-worker",
-                           spec_path], stdout=subprocess.PIPE, env=env, text=True)
-    if proc.returncode != 0:
-        return None, f"TRL worker failed (exit {proc.returncode}); see stderr"
-    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+    out, rc = _run_worker("--trl-worker", spec, os.path.join(work, "trl_spec.json"),
+                          env=dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"))
+    if rc:
+        return None, f"TRL worker failed (exit {rc}); see stderr"
+    return out, None
 
 
 def trl_thread_counts(args):

@@ -234,8 +234,8 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
                                    rollout["response_tokens"], graphdefs=graphdefs, opts=opts)
     outputs, pullback = jax.vjp(fwd, state["params"])
     ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts)
-    exp, m_exp, stats = shape_experience(state, rollout, jax.lax.stop_gradient(outputs),
-                                         ref_logp, raw_score, opts=opts)
+    exp, m_exp, stats = shape_experience(state, rollout, outputs, ref_logp, raw_score,
+                                         opts=opts)
     denoms = obj.aggregation_denominators(exp["response_mask"] > 0)
     (loss, aux), cotangents = jax.value_and_grad(
         lambda o: ppo_losses(o, exp, denoms, opts), has_aux=True)(outputs)
