@@ -173,6 +173,15 @@ def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
     return (x * cos_full + swapped * sin_signed).astype(x_BxTxNxDh.dtype)
 
 
+def select_rows(x_BxTx_, select):
+    """Rows of a [B, T, ...] array along T: `select` is a static `slice` (the same rows of
+    every sequence, a plain slice) or an int array [B, Q] (per-sequence rows, a gather)."""
+    if isinstance(select, slice):
+        return x_BxTx_[:, select]
+    idx = select.reshape(select.shape + (1,) * (x_BxTx_.ndim - 2))
+    return jnp.take_along_axis(x_BxTx_, idx, axis=1)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped-query heads, optional biases, RoPE or none."""
 
@@ -192,22 +201,26 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.bo = _param(rngs, (d,), ("embed",), cfg, init="zeros")
 
-    def qkv(self, x_BxTxD, positions_BxT):
+    def qkv(self, x_BxTxD, positions_BxT, select=None):
+        """Queries [B, T, H, Dh] and keys / values [B, T, K, Dh]; with `select` (see
+        `select_rows`) the queries only at the selected rows, [B, Q, H, Dh]."""
         cfg, dt = self.cfg, x_BxTxD.dtype
-        b, t, _ = x_BxTxD.shape
         # Projections as flat [D, N*Dh] matmuls (a free reshape of the [D, N, Dh] weights).
         # (One matmul over concatenated q/k/v weights was ~2-7% faster on 2 CPU cores but
         # changes float rounding between batch shapes, so the PPO scoring pass and the update
         # minibatches would no longer give bitwise-equal log-probs: ratio 1 exactly is kept.)
-        proj = lambda w: linear(x_BxTxD, w[...]).reshape(b, t, -1, cfg.dim_per_head)
-        q, k, v = proj(self.wq), proj(self.wk), proj(self.wv)
+        proj = lambda x, w: linear(x, w[...]).reshape(x.shape[:2] + (-1, cfg.dim_per_head))
+        x_q, q_pos = x_BxTxD, positions_BxT
+        if select is not None:
+            x_q, q_pos = select_rows(x_BxTxD, select), select_rows(positions_BxT, select)
+        q, k, v = proj(x_q, self.wq), proj(x_BxTxD, self.wk), proj(x_BxTxD, self.wv)
         if cfg.qkv_bias:
             q = q + _bcast(self.bq[...].astype(dt), 4)
             k = k + _bcast(self.bk[...].astype(dt), 4)
             v = v + _bcast(self.bv[...].astype(dt), 4)
         if cfg.positions == "rope":
             inv_freq = rope_inv_freq(cfg)
-            q = apply_rope(q, positions_BxT, inv_freq)
+            q = apply_rope(q, q_pos, inv_freq)
             k = apply_rope(k, positions_BxT, inv_freq)
         return q, k, v
 
@@ -279,10 +292,14 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions_BxT, kv_fn):
-        """`kv_fn(k, v) -> (keys, values, allowed)` supplies the attended keys (cache or not)."""
-        q, k, v = self.attn.qkv(self.attn_norm(x), positions_BxT)
+    def __call__(self, x, positions_BxT, kv_fn, select=None):
+        """`kv_fn(k, v) -> (keys, values, allowed)` supplies the attended keys (cache or not).
+        With `select` (see `select_rows`) the block computes its output only at the selected
+        rows [B, Q, D]: queries, attention output and MLP there, keys and values everywhere."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions_BxT, select)
         keys, values, allowed = kv_fn(k, v)
+        if select is not None:
+            x, allowed = select_rows(x, select), select_rows(allowed, select)
         x = x + self.attn.attend(q, keys, values, allowed)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -357,29 +374,51 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
         return x
 
-    def _run_layers(self, x, positions_BxT, kv_fn_for_layer, carry_extra=None):
+    def _run_layers(self, x, positions_BxT, kv_fn_for_layer, carry_extra=None, select=None):
         """Scans the stacked layers. `kv_fn_for_layer(extra, layer_idx)` returns a kv_fn and
-        a function giving the new `extra` (used to thread the KV cache through the scan)."""
+        a function giving the new `extra` (used to thread the KV cache through the scan).
+        With `select` the last layer runs after the scan and outputs only the selected rows
+        (`Block.__call__`)."""
         graphdef, state = nnx.split(self.layers)
         policy = remat_policy(self.cfg.remat)
 
+        def layer_fn(select):
+            def step(h, extra, layer_state, idx):
+                block = nnx.merge(graphdef, layer_state)
+                kv_fn, get_extra = kv_fn_for_layer(extra, idx)
+                return block(h, positions_BxT, kv_fn, select), get_extra()
+            if policy is None:
+                return step
+            return jax.checkpoint(step, policy=policy, prevent_cse=False)
+
+        all_rows = layer_fn(None)
+
         def body(carry, xs):
-            h, extra = carry
-            layer_state, idx = xs
-            block = nnx.merge(graphdef, layer_state)
-            kv_fn, get_extra = kv_fn_for_layer(extra, idx)
-            h = block(h, positions_BxT, kv_fn)
-            return (h, get_extra()), None
+            return all_rows(*carry, *xs), None
 
-        if policy is not None:
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        idxs = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
-        unroll = self.cfg.layer_scan_unroll()
-        (x, extra), _ = jax.lax.scan(body, (x, carry_extra), (state, idxs), unroll=unroll)
-        return x, extra
+        n_scan = self.cfg.n_layers - (select is not None)
+        scanned = state if select is None else jax.tree.map(lambda a: a[:n_scan], state)
+        carry = (x, carry_extra)
+        if n_scan:
+            idxs = jnp.arange(n_scan, dtype=jnp.int32)
+            unroll = min(self.cfg.layer_scan_unroll(), n_scan)
+            carry, _ = jax.lax.scan(body, carry, (scanned, idxs), unroll=unroll)
+        if select is not None:
+            last = jax.tree.map(lambda a: a[n_scan], state)
+            carry = layer_fn(select)(*carry, last, jnp.int32(n_scan))
+        return carry
 
-    def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
-        """Final-norm hidden states [B, T, D] of a full (uncached) causal forward."""
+    def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None, select=None):
+        """Final-norm hidden states [B, T, D] of a full (uncached) causal forward.
+
+        `select`: only these positions' hidden states are wanted -- a static `slice` of T or
+        an int array [B, Q] of per-sequence positions (`select_rows`); returns [B, Q, D].
+        The last layer then computes its queries, attention output and MLP only at those
+        rows (its keys and values at every position), skipping (1 - Q/T) of that layer's
+        work: PPO reads log-probs and values at the N response positions only, a reward
+        model its score at the last real token. The rows equal the full forward's up to the
+        float rounding of the smaller matmuls.
+        """
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
         if positions_BxT is None:
@@ -392,8 +431,14 @@ class Transformer(nnx.Module):
             return (lambda k, v: (k, v, allowed)), (lambda: extra)
 
         x = self.embed_tokens(tokens_BxT, positions_BxT)
-        x, _ = self._run_layers(x, positions_BxT, kv_fn_for_layer)
+        x, _ = self._run_layers(x, positions_BxT, kv_fn_for_layer, select=select)
         return self.final_norm(x)
+
+    def last_hidden(self, tokens_BxT, mask_BxT):
+        """Final-norm hidden state at each row's last real token [B, D] (`hidden` with
+        `select` = that position: the last layer runs one query per row)."""
+        rows_Bx1 = last_token_index(mask_BxT)[:, None]
+        return self.hidden(tokens_BxT, mask_BxT, select=rows_Bx1)[:, 0]
 
     def apply_head(self, h_BxTxD):
         """LM head -> logits [B,T,V] in float32; score head -> scores [B,T] in float32."""

@@ -45,7 +45,6 @@ from jaxrlhf.checkpoint import Checkpointer, abstract_like
 from jaxrlhf.data import build_dataset, load_tokenizer
 from jaxrlhf.generation import generate, sampling_logprobs
 from jaxrlhf.metrics import MetricsLogger, plot_curves, write_summary
-from jaxrlhf.models import gather_last
 from jaxrlhf.trainers import common
 
 CRITIC_MODES = ("separate", "shared")
@@ -57,18 +56,25 @@ ECHO_KEYS = ("rm_score", "gold_reward", "kl", "kl_coef", "entropy", "response_le
 # ------------------------------------------------------------------------------------------
 # Pure functions (jitted once at set-up).
 
+def response_rows(tokens, n_resp: int) -> slice:
+    """The positions whose hidden states predict the N response tokens: P-1 .. L-2. Model
+    forwards pass it as `select`, so their last layer runs only there."""
+    length = tokens.shape[1]
+    return slice(length - n_resp - 1, length - 1)
+
+
 def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str):
     """Actor logits [B, N, V] at the response positions and values [B, N]."""
     actor = nnx.merge(graphdefs["actor"], params["actor"])
-    h = actor.hidden(tokens, mask)
-    h_resp = h[:, -n_resp - 1:-1]
+    resp_rows = response_rows(tokens, n_resp)
+    h_resp = actor.hidden(tokens, mask, select=resp_rows)
     logits = actor.apply_head(h_resp)
     if critic == "shared":
         w, b = params["critic"]["w"], params["critic"]["b"]
         values = (h_resp @ w.astype(h_resp.dtype)).astype(jnp.float32) + b
     else:
         model = nnx.merge(graphdefs["critic"], params["critic"])
-        values = model(tokens, mask)[:, -n_resp - 1:-1]
+        values = model.apply_head(model.hidden(tokens, mask, select=resp_rows))
     return logits, values
 
 
@@ -80,7 +86,7 @@ def reward_score(rm_params, rm_graphdef, tokens, mask, opts):
         return uncertainty_reward(rm_params, rm_graphdef, tokens, mask,
                                   coef=float(opts["uncertainty_coef"]))
     rm = nnx.merge(rm_graphdef, rm_params)
-    return gather_last(rm(tokens, mask), mask)
+    return rm.apply_head(rm.last_hidden(tokens, mask)[:, None])[:, 0]
 
 
 def _sampling_kw(opts):
@@ -101,7 +107,7 @@ def frozen_scores(frozen, rollout, *, graphdefs, opts):
     tokens, mask, resp = rollout["tokens"], rollout["mask"], rollout["response_tokens"]
     n = resp.shape[1]
     ref = nnx.merge(graphdefs["ref"], frozen["ref"])
-    ref_logits = ref.apply_head(ref.hidden(tokens, mask)[:, -n - 1:-1])
+    ref_logits = ref.apply_head(ref.hidden(tokens, mask, select=response_rows(tokens, n)))
     ref_logp = sampling_logprobs(ref_logits, resp, **_sampling_kw(opts))
     return ref_logp, reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts)
 
@@ -262,7 +268,7 @@ def eval_scores(actor_params, frozen, rollout, *, graphdefs, opts):
 
     def logp(graphdef, params):
         m = nnx.merge(graphdef, params)
-        logits = m.apply_head(m.hidden(tokens, mask)[:, -n - 1:-1])
+        logits = m.apply_head(m.hidden(tokens, mask, select=response_rows(tokens, n)))
         return sampling_logprobs(logits, resp, **_sampling_kw(opts))
 
     kl = jnp.sum(jnp.where(valid, logp(graphdefs["actor"], actor_params)

@@ -25,7 +25,6 @@ from flax import nnx
 from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data import build_dataset, load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
-from jaxrlhf.models import gather_last
 from jaxrlhf.objectives import kwise_ranking_loss
 from jaxrlhf.trainers import common
 
@@ -34,9 +33,8 @@ def sequence_rewards(params, graphdef, tokens, mask):
     """Rewards of [..., T] sequences (any leading shape): score at the last real token."""
     lead, t = tokens.shape[:-1], tokens.shape[-1]
     model = nnx.merge(graphdef, params)
-    flat_mask = mask.reshape(-1, t)
-    scores = model(tokens.reshape(-1, t), flat_mask)
-    return gather_last(scores, flat_mask).reshape(lead)
+    h_last = model.last_hidden(tokens.reshape(-1, t), mask.reshape(-1, t))
+    return model.apply_head(h_last[:, None])[:, 0].reshape(lead)
 
 
 def _valid(batch):

@@ -64,7 +64,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.models import last_token_index
 from jaxrlhf.objectives import contrastive_loss, kwise_ranking_loss
 from jaxrlhf.trainers import common
 from jaxrlhf.trainers import reward as rm_stage
@@ -175,8 +174,7 @@ def last_hidden_and_rewards(params, graphdef, tokens, mask):
     lead, t = tokens.shape[:-1], tokens.shape[-1]
     model = nnx.merge(graphdef, params)
     flat_mask = mask.reshape(-1, t)
-    h = model.hidden(tokens.reshape(-1, t), flat_mask)
-    h_last = h[jnp.arange(h.shape[0]), last_token_index(flat_mask)]
+    h_last = model.last_hidden(tokens.reshape(-1, t), flat_mask)
     r = model.apply_head(h_last[:, None, :])[:, 0]
     return h_last.reshape(lead + h_last.shape[-1:]), r.reshape(lead)
 
