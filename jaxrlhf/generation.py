@@ -248,10 +248,12 @@ def _unstacked_blocks(model: Transformer) -> list:
 
 
 def _forward_cached(model: Transformer, blocks, tokens_BxT, mask_BxT, positions_BxT,
-                    cache: _LayerCache):
+                    cache: _LayerCache, select=None):
     """`Transformer.hidden_cached` over unstacked layers: T new tokens are written to slots
     [index, index + T); query i attends slot j when j <= index + i and slot j is real.
-    Returns (final-norm hidden [B, T, D], updated cache)."""
+    Returns (final-norm hidden [B, T, D], updated cache); with `select` (as in
+    `Transformer.hidden`) the hidden states of those rows only, [B, Q, D] (the last layer's
+    queries and MLP then run there only; every layer's keys and values are cached)."""
     t = tokens_BxT.shape[1]
     s = cache.mask.shape[1]
     start = cache.index
@@ -262,7 +264,7 @@ def _forward_cached(model: Transformer, blocks, tokens_BxT, mask_BxT, positions_
     allowed_BxTxS = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
     x = model.embed_tokens(tokens_BxT, positions_BxT)
     new_k, new_v = [], []
-    for block, k_cache, v_cache in zip(blocks, cache.k, cache.v):
+    for i, (block, k_cache, v_cache) in enumerate(zip(blocks, cache.k, cache.v)):
         def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache):
             ks = jax.lax.dynamic_update_slice(
                 k_cache, jnp.swapaxes(k_BxTxKxDh, 1, 2).astype(k_cache.dtype),
@@ -275,7 +277,7 @@ def _forward_cached(model: Transformer, blocks, tokens_BxT, mask_BxT, positions_
             dt = k_BxTxKxDh.dtype  # attend takes [B, S, K, Dh]; XLA folds the swap away
             return (jnp.swapaxes(ks, 1, 2).astype(dt), jnp.swapaxes(vs, 1, 2).astype(dt),
                     allowed_BxTxS)
-        x = block(x, positions_BxT, kv_fn)
+        x = block(x, positions_BxT, kv_fn, select if i == len(blocks) - 1 else None)
     cache = _LayerCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
     return model.final_norm(x), cache
 
@@ -303,11 +305,12 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     cache = _LayerCache(k=tuple(zeros_kv() for _ in blocks), v=tuple(zeros_kv() for _ in blocks),
                         mask=jnp.zeros((b, p + n), jnp.int32), index=jnp.zeros((), jnp.int32))
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-    h_BxPxD, cache = _forward_cached(model, blocks, prompt_BxP, prompt_mask_BxP,
-                                     positions_from_mask(prompt_mask_BxP), cache)
-    # The first token comes from each row's last real token (any padding layout).
+    # The first token comes from each row's last real token (any padding layout): the
+    # prefill's last layer runs only there.
     last = jnp.max(jnp.where(prompt_mask_BxP > 0, jnp.arange(p, dtype=jnp.int32), 0), axis=-1)
-    h_Bx1xD = jnp.take_along_axis(h_BxPxD, last[:, None, None], axis=1)
+    h_Bx1xD, cache = _forward_cached(model, blocks, prompt_BxP, prompt_mask_BxP,
+                                     positions_from_mask(prompt_mask_BxP), cache,
+                                     select=last[:, None])
 
     def sample_next(h_Bx1xD, noise_state):
         logits_BxV = model.apply_head(h_Bx1xD)[:, 0]

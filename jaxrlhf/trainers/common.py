@@ -251,9 +251,11 @@ def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str, *,
         new_opt = keep(new_opt, state["opt_state"])
     new_state = dict(state, params=new_params, opt_state=new_opt)
     new_state[counter] = state[counter] + 1
+    # No norm of the update tree: it made XLA materialise `updates` (its reduction cannot
+    # share the in-place parameter write), which cost ~40% of the AdamW step of two small
+    # models on 2 CPU cores (15.8 -> 9.6 ms measured); grad_norm and lr describe the step.
     metrics = {"grad_norm": gnorm, "param_norm": global_norm(new_params),
-               "update_norm": global_norm(updates), "lr": schedule(state[counter]),
-               "finite": finite.astype(jnp.float32)}
+               "lr": schedule(state[counter]), "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
 
