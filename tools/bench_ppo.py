@@ -39,7 +39,9 @@ its scoring pass: reference, value and reward forwards, then the update's actor 
 forward + backward), while jaxrlhf, with one minibatch, fuses its scoring pass with the
 update (`ppo.fused_first_update`): reference and reward forwards, then one actor and critic
 forward + backward whose forward outputs are pi_old (exactly the sampling distribution, ratio
-exactly 1) and the old values -- one forward fewer than TRL per iteration; jaxrlhf
+exactly 1) and the old values -- one forward fewer than TRL per iteration; every jaxrlhf
+model runs its last layer only at the positions read (response positions; the reward
+model's last token: `Transformer.hidden(select=...)`), TRL's at all positions; jaxrlhf
 clips the global gradient norm at 1.0 and TRL's PPO loop does not clip; jaxrlhf's AdamW is
 optax with separate actor / critic learning rates, TRL's is torch AdamW over both models.
 
