@@ -46,6 +46,7 @@ from jaxrlhf.data import build_dataset, load_tokenizer
 from jaxrlhf.generation import generate, sampling_logprobs
 from jaxrlhf.metrics import MetricsLogger, plot_curves, write_summary
 from jaxrlhf.trainers import common
+from jaxrlhf.trainers.reward import sequence_rewards
 
 CRITIC_MODES = ("separate", "shared")
 # Metrics printed on the console (all of them go to metrics.jsonl / TensorBoard).
@@ -85,8 +86,7 @@ def reward_score(rm_params, rm_graphdef, tokens, mask, opts):
         from jaxrlhf.trainers.rm_ensemble import uncertainty_reward
         return uncertainty_reward(rm_params, rm_graphdef, tokens, mask,
                                   coef=float(opts["uncertainty_coef"]))
-    rm = nnx.merge(rm_graphdef, rm_params)
-    return rm.apply_head(rm.last_hidden(tokens, mask)[:, None])[:, 0]
+    return sequence_rewards(rm_params, rm_graphdef, tokens, mask)
 
 
 def _sampling_kw(opts):
