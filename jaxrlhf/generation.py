@@ -48,10 +48,11 @@ log π under the options given, so `sampling_logprobs` reproduces them.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -199,11 +200,27 @@ class _Options:
     temperature: float
     top_k: int
     top_p: float
-    eos_id: int
+    eos_ids: Tuple[int, ...]
     pad_id: int
     greedy: bool
     mesh: Optional[Mesh]
     rules: Optional[tuple]
+
+
+def stop_ids(eos_id: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    """One stop id or several -> a sorted tuple of distinct ints (a static jit option)."""
+    ids = (eos_id,) if isinstance(eos_id, (int, np.integer)) else tuple(eos_id)
+    if not ids:
+        raise ValueError("eos_id must name at least one stop token id.")
+    return tuple(sorted({int(i) for i in ids}))
+
+
+def _is_stop(tok_B, eos_ids: Tuple[int, ...]):
+    """[B] bool: the token is one of the stop ids."""
+    hit_B = tok_B == eos_ids[0]
+    for i in eos_ids[1:]:
+        hit_B = hit_B | (tok_B == i)
+    return hit_B
 
 
 # Number of times `_generate_impl` was traced (compiled); tests assert one per bucket.
@@ -327,7 +344,7 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     logps_BxN = _constrain(jnp.zeros((b, n), jnp.float32), ("batch", None), opts)
     tokens_BxN = tokens_BxN.at[:, 0].set(tok_B)
     logps_BxN = logps_BxN.at[:, 0].set(logp_B)
-    done_B = tok_B == opts.eos_id
+    done_B = _is_stop(tok_B, opts.eos_ids)
     lengths_B = jnp.ones((b,), jnp.int32)
     # Position of the next token fed to the model: the row's real prompt length.
     pos_B = jnp.sum(prompt_mask_BxP, axis=-1)
@@ -350,7 +367,7 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
         logps_BxN = jax.lax.dynamic_update_slice(
             logps_BxN, jnp.where(live_B, logp_B, 0.0)[:, None], (zero, i))
         lengths_B = lengths_B + live_B.astype(jnp.int32)
-        done_B = done_B | (new_B == opts.eos_id)
+        done_B = done_B | _is_stop(new_B, opts.eos_ids)
         return (i + 1, cache, new_B, pos_B + 1, done_B, lengths_B, tokens_BxN, logps_BxN,
                 noise_state)
 
@@ -388,7 +405,8 @@ def _model_mesh(state) -> Optional[Mesh]:
 def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_tokens_BxP,
              prompt_mask_BxP, rng, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int, pad_id: int, greedy: bool = False,
+             top_p: float = 1.0, eos_id: Union[int, Sequence[int]], pad_id: int,
+             greedy: bool = False,
              mesh: Optional[Mesh] = None, rules: Optional[shd.Rules] = None) -> GenerateResult:
     """Samples up to `max_new_tokens` tokens per prompt; returns a `GenerateResult`.
 
@@ -400,10 +418,12 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
         convention; any layout works, see module docstring). Each row needs >= 1 real token.
       rng: a PRNG key; the same key gives the same result, on any mesh. It seeds the
         loop's random number generator (XLA RngBitGenerator, see `_uniform_step`).
-      max_new_tokens: N >= 1. The loop stops early once every row has produced `eos_id`.
+      max_new_tokens: N >= 1. The loop stops early once every row has produced a stop id.
       temperature, top_k, top_p: the sampling distribution (module docstring). top_k = 0
         and top_p = 1 turn truncation off. All are compile-time constants.
-      eos_id: end-of-sequence id; an id outside [0, V) never matches, so rows always run N.
+      eos_id: the end-of-sequence id, or several (a chat template's end-of-turn tokens, e.g.
+        `generation_config.eos_token_id` as a list; `Tokenizer.stop_ids`): a row ends at the
+        first of them it samples. An id outside [0, V) never matches (rows always run N).
       pad_id: written to `response_tokens` after EOS.
       greedy: take the argmax instead of sampling; logprobs are still log π under the
         options (temperature=0 is accepted with greedy and then stands for T = 1).
@@ -429,7 +449,7 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
         rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in items)
     opts = _Options(max_new_tokens=int(max_new_tokens),
                     temperature=float(1.0 if greedy and temperature == 0 else temperature),
-                    top_k=int(top_k), top_p=float(top_p), eos_id=int(eos_id),
+                    top_k=int(top_k), top_p=float(top_p), eos_ids=stop_ids(eos_id),
                     pad_id=int(pad_id), greedy=bool(greedy), mesh=mesh, rules=rules)
     prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     prompt_mask_BxP = jnp.asarray(prompt_mask_BxP, jnp.int32)

@@ -261,6 +261,26 @@ def test_loop_stops_once_every_row_finished(model):
     assert np.all(np.asarray(res.response_tokens)[:, first + 1:] == PAD)
 
 
+def test_any_of_several_stop_ids_ends_a_row(model):
+    """eos_id may list several stop ids (EOS and a chat template's end-of-turn token): each row
+    ends at the first of them, with the same tokens as an unconstrained run up to there."""
+    rows = [[5, 6, 7], [9, 3, 4], [11, 12, 13]]
+    toks, mask = left_padded(rows, 3)
+    free = np.asarray(gen.generate(model, toks, mask, jax.random.key(0), max_new_tokens=10,
+                                   eos_id=-1, pad_id=PAD, greedy=True).response_tokens)
+    stops = (int(free[0, 1]), int(free[1, 3]))        # a token row 0 / row 1 produces
+    res = gen.generate(model, toks, mask, jax.random.key(0), max_new_tokens=10,
+                       eos_id=list(stops), pad_id=PAD, greedy=True)
+    resp, lengths = np.asarray(res.response_tokens), np.asarray(res.lengths)
+    for b in range(3):
+        hits = np.flatnonzero(np.isin(free[b], stops))
+        want = int(hits[0]) + 1 if len(hits) else 10
+        assert lengths[b] == want and bool(res.finished[b]) == bool(len(hits))
+        np.testing.assert_array_equal(resp[b, :want], free[b, :want])
+        assert np.all(resp[b, want:] == PAD)
+    assert gen.stop_ids([4, 2, 4]) == (2, 4) and gen.stop_ids(3) == (3,)
+
+
 def test_same_rng_same_output(model):
     toks, mask = prompts(batch=4, length=7)
     kw = dict(max_new_tokens=12, eos_id=EOS, pad_id=PAD, top_p=0.95)

@@ -161,7 +161,7 @@ def sample_pairs(actor, tokenizer, prompts, max_new_tokens, seed):
         for j in range(2):
             res = generate(actor, jnp.asarray(b["prompt_tokens"]), jnp.asarray(b["prompt_mask"]),
                            jax.random.fold_in(jax.random.PRNGKey(seed), 2 * i + j),
-                           max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                           max_new_tokens=max_new_tokens, eos_id=tokenizer.stop_ids,
                            pad_id=tokenizer.pad_id)
             toks, mask = np.asarray(res.response_tokens), np.asarray(res.response_mask)
             fin = np.asarray(res.finished)

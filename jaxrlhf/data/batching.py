@@ -27,9 +27,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxrlhf.data import chat
 from jaxrlhf.data.config import DataOptions, resolve_options
 from jaxrlhf.data.formats import LoadReport, _Bad, _public, load_examples, make_report
-from jaxrlhf.data.tokenizer import Tokenizer, load_tokenizer
+from jaxrlhf.data.tokenizer import Tokenizer, fallback_chat_template, load_tokenizer
 
 LM_FORMATS = ("sft", "hh_sft", "ptx")
 RANKING_FORMATS = ("preference", "hh", "ranking")
@@ -42,12 +43,15 @@ Row = dict[str, Any]
 # Tokenisation and truncation.
 
 
-def prompt_text(example: Mapping[str, Any], tokenizer: Tokenizer) -> str:
-    """The prompt string of an sft / prompt / ranking example (chat messages are templated)."""
+def prompt_text(example: Mapping[str, Any], tokenizer: Tokenizer, raw: bool = False) -> str:
+    """The prompt string of an sft / prompt / ranking example (chat messages are templated:
+    with the tokenizer's template, or with the HH-style fallback when `raw`)."""
     if "messages" in example:
         msgs = example["messages"]
         if msgs[-1]["role"] == "assistant":  # an SFT conversation: its prompt is all but the last
             msgs = msgs[:-1]
+        if raw:
+            return fallback_chat_template(msgs, add_generation_prompt=True)
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
     return example["prompt"]
 
@@ -92,9 +96,51 @@ def _bos(tokenizer: Tokenizer, opts: DataOptions) -> list[int]:
     return [tokenizer.bos_id] if opts.add_bos and tokenizer.bos_id is not None else []
 
 
+def _chat_rows(ex, tok, opts, report, responses: Sequence[str]):
+    """(prompt ids, [response ids], (keep_p, keep_r)) of a chat-shaped example rendered with
+    the template, or None when it is not chat-shaped. Over-long rows lose their oldest turns
+    (left_prompt / right_response), then the ends of their responses; the prompt is never cut
+    inside a turn, so a row whose last turn cannot fit is "too_long"."""
+    history = chat.chat_prompt_messages(ex, opts.format)
+    if history is None:
+        return None
+    if "messages" not in ex:  # HH responses: " text" after the "Assistant:" marker
+        responses = [r.strip() for r in responses]
+    dropped = False
+    while True:
+        p, rs = chat.encode_chat(tok, history, responses)
+        longest = max((len(r) for r in rs), default=0)
+        if len(p) + longest <= opts.max_len or opts.truncation == "drop":
+            break
+        shorter = chat.drop_oldest_turn(history)
+        if shorter is None:
+            break
+        history, dropped = shorter, True
+    if not rs:  # a PPO prompt
+        return p, rs, None
+    fit = fit_lengths(len(p), [len(r) for r in rs], opts.max_len, "right_response"
+                      if opts.truncation != "drop" else "drop", len(p), opts.min_response_tokens)
+    if fit is None:
+        raise _Bad("too_long", f"chat prompt {len(p)} tokens (its last turn) + longest "
+                               f"response {max(len(r) for r in rs)} > max_len {opts.max_len}")
+    if dropped:
+        report.truncation_counts["prompt_turns_dropped"] += 1
+    return p, rs, fit
+
+
 def _tokenize_sft(ex, tok, opts, report) -> list[Row]:
+    if chat.uses_template(tok, opts.chat_template):
+        rendered = _chat_rows(ex, tok, opts, report, [response_text(ex)])
+        if rendered is not None:
+            p, (r,), (keep_p, (keep_r,)) = rendered
+            _count_cuts(report, False, keep_r < len(r))
+            tokens = p + r[:keep_r]
+            loss_mask = np.zeros(len(tokens), np.int32)
+            loss_mask[len(p):] = 1
+            return [{"tokens": np.asarray(tokens, np.int32), "loss_mask": loss_mask,
+                     "length": len(tokens)}]
     bos = _bos(tok, opts)
-    p = tok.encode(prompt_text(ex, tok))
+    p = tok.encode(prompt_text(ex, tok, raw=opts.chat_template == "raw"))
     r = tok.encode(response_text(ex)) + [tok.eos_id]
     fit = fit_lengths(len(p), [len(r)], opts.max_len - len(bos), opts.truncation,
                       opts.min_prompt_tokens, opts.min_response_tokens)
@@ -133,15 +179,22 @@ def _tokenize_ranking(ex, tok, opts, report) -> list[Row]:
     if len(ex["responses"]) > opts.max_k:
         raise _Bad("too_many_responses",
                    f"{len(ex['responses'])} responses > data.max_k = {opts.max_k}")
-    bos = _bos(tok, opts)
-    p = tok.encode(prompt_text(ex, tok))
-    rs = [tok.encode(r) + [tok.eos_id] for r in ex["responses"]]
-    fit = fit_lengths(len(p), [len(r) for r in rs], opts.max_len - len(bos), opts.truncation,
-                      opts.min_prompt_tokens, opts.min_response_tokens)
-    if fit is None:
-        raise _Bad("too_long", f"prompt {len(p)} + longest response {max(map(len, rs))} "
-                               f"tokens > max_len {opts.max_len}")
-    keep_p, keep_r = fit
+    rendered = None
+    if chat.uses_template(tok, opts.chat_template):
+        rendered = _chat_rows(ex, tok, opts, report, ex["responses"])
+    if rendered is not None:
+        bos = []
+        p, rs, (keep_p, keep_r) = rendered
+    else:
+        bos = _bos(tok, opts)
+        p = tok.encode(prompt_text(ex, tok, raw=opts.chat_template == "raw"))
+        rs = [tok.encode(r) + [tok.eos_id] for r in ex["responses"]]
+        fit = fit_lengths(len(p), [len(r) for r in rs], opts.max_len - len(bos),
+                          opts.truncation, opts.min_prompt_tokens, opts.min_response_tokens)
+        if fit is None:
+            raise _Bad("too_long", f"prompt {len(p)} + longest response {max(map(len, rs))} "
+                                   f"tokens > max_len {opts.max_len}")
+        keep_p, keep_r = fit
     cut = [tuple(r[:k]) for r, k in zip(rs, keep_r)]
     ranks = ex["ranks"]
     for i in range(len(cut)):
@@ -158,8 +211,12 @@ def _tokenize_ranking(ex, tok, opts, report) -> list[Row]:
 
 
 def _tokenize_prompt(ex, tok, opts, report) -> list[Row]:
+    if chat.uses_template(tok, opts.chat_template):
+        rendered = _chat_prompt(ex, tok, opts, report)
+        if rendered is not None:
+            return [{"prompt_tokens": np.asarray(rendered, np.int32), "length": len(rendered)}]
     bos = _bos(tok, opts)
-    p = tok.encode(prompt_text(ex, tok))
+    p = tok.encode(prompt_text(ex, tok, raw=opts.chat_template == "raw"))
     budget = opts.max_prompt_len - len(bos)
     if len(p) > budget:
         if opts.truncation == "drop":
@@ -169,6 +226,28 @@ def _tokenize_prompt(ex, tok, opts, report) -> list[Row]:
         report.truncation_counts["prompt_truncated"] += 1
     tokens = np.asarray(bos + p, np.int32)
     return [{"prompt_tokens": tokens, "length": len(tokens)}]
+
+
+def _chat_prompt(ex, tok, opts, report) -> list[int] | None:
+    """A PPO prompt rendered with the chat template (with the generation prompt); over
+    max_prompt_len it loses its oldest turns (never part of one; "drop": a bad row)."""
+    history = chat.chat_prompt_messages(ex, opts.format)
+    if history is None:
+        return None
+    p, _ = chat.encode_chat(tok, history, [])
+    dropped = False
+    while len(p) > opts.max_prompt_len and opts.truncation != "drop":
+        shorter = chat.drop_oldest_turn(history)
+        if shorter is None:
+            break
+        history, dropped = shorter, True
+        p, _ = chat.encode_chat(tok, history, [])
+    if len(p) > opts.max_prompt_len:
+        raise _Bad("too_long", f"chat prompt {len(p)} tokens (its last turn) > "
+                               f"max_prompt_len {opts.max_prompt_len}")
+    if dropped:
+        report.truncation_counts["prompt_turns_dropped"] += 1
+    return p
 
 
 def _count_cuts(report: LoadReport, prompt_cut: bool, response_cut: bool) -> None:

@@ -29,6 +29,13 @@ Trainers embed `default_data_config()` as `config.data`. Every loader takes eith
   max_k         responses per ranking row; batches always have K = max_k (static shapes);
                 rows with more responses are bad rows ("too_many_responses")
   add_bos       prepend the tokenizer's BOS (if it has one) to every prompt and ptx text
+                (not to rows rendered with a chat template: the template decides)
+  chat_template "auto": chat-shaped rows (messages, HH transcripts parsed into turns) are
+                rendered with the tokenizer's chat template when it has one, token ids equal
+                to `apply_chat_template` (see `jaxrlhf.data.chat`); over-long chat prompts
+                lose their oldest turns first ("left_prompt", counted as prompt_turns_dropped),
+                never part of a turn. "raw": the text as it is (HH transcripts verbatim,
+                messages through the HH-style fallback template)
   synthetic     parameters of `SyntheticTask` when path == "synthetic" (plus num_examples)
 """
 from __future__ import annotations
@@ -67,6 +74,7 @@ def default_data_config():
     cfg.max_prompt_len = config_dict.placeholder(int)
     cfg.max_k = 4
     cfg.add_bos = False
+    cfg.chat_template = "auto"
     cfg.synthetic = ml_collections.ConfigDict(default_synthetic_config())
     return cfg
 
@@ -99,6 +107,7 @@ class DataOptions:
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256)
     max_k: int = 4
     add_bos: bool = False
+    chat_template: str = "auto"
     synthetic: Mapping[str, Any] = dataclasses.field(default_factory=default_synthetic_config)
 
 
@@ -140,6 +149,9 @@ def resolve_options(cfg: Any = None, **overrides: Any) -> DataOptions:
         raise ValueError(f"data.max_prompt_len must be in [1, max_len={max_len}], "
                          f"got {max_prompt_len}")
     prompt_buckets = tuple(b for b in buckets if b < max_prompt_len) + (max_prompt_len,)
+    if merged["chat_template"] not in ("auto", "raw"):
+        raise ValueError(f"data.chat_template must be 'auto' or 'raw', "
+                         f"got {merged['chat_template']!r}")
     if int(merged["max_k"]) < 2:
         raise ValueError(f"data.max_k must be >= 2, got {merged['max_k']}")
     if int(merged["min_prompt_tokens"]) < 1 or int(merged["min_response_tokens"]) < 1:
@@ -152,4 +164,5 @@ def resolve_options(cfg: Any = None, **overrides: Any) -> DataOptions:
         min_response_tokens=int(merged["min_response_tokens"]),
         max_prompt_len=max_prompt_len, prompt_buckets=prompt_buckets,
         max_k=int(merged["max_k"]), add_bos=bool(merged["add_bos"]),
+        chat_template=str(merged["chat_template"]),
         synthetic=merged["synthetic"])

@@ -5,9 +5,16 @@ Every tokenizer used by jaxrlhf has this interface (`Tokenizer` below):
   encode(text) -> list[int]        no special tokens added (the batcher appends EOS itself)
   decode(ids) -> str               pad / bos / eos ids are skipped
   vocab_size, pad_id, eos_id, bos_id (bos_id may be None for HF tokenizers)
+  stop_ids                         ids that end a generated response: eos_id plus a chat
+                                   template's end-of-turn tokens (generation_config.json's
+                                   eos_token_id, which may be a list)
+  has_chat_template                the tokenizer brings its own chat template
   apply_chat_template(messages, add_generation_prompt=False) -> str
-  fingerprint() -> str             stable hash of the vocabulary and special ids; trainers compare
-                                   it across policy / reference / reward model (SPEC §4).
+  fingerprint() -> str             stable hash of the vocabulary and the bos / eos / stop ids;
+                                   trainers compare it across policy / reference / reward model.
+                                   The pad id is not part of it: padding never reaches a result
+                                   (masks come from the batcher), and a reward-model export may
+                                   carry a different pad token (see `jaxrlhf.models.hf_io`).
 
 `load_tokenizer("byte")` gives `ByteTokenizer`; any other spec is a local directory loaded with
 `transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False,
@@ -56,6 +63,8 @@ class Tokenizer(Protocol):
     pad_id: int
     eos_id: int
     bos_id: int | None
+    stop_ids: tuple[int, ...]
+    has_chat_template: bool
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -82,6 +91,8 @@ class ByteTokenizer:
     pad_id = 256
     bos_id = 257
     eos_id = 258
+    stop_ids = (258,)
+    has_chat_template = False
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -94,8 +105,8 @@ class ByteTokenizer:
         return fallback_chat_template(messages, add_generation_prompt)
 
     def fingerprint(self) -> str:
-        return _hash({"kind": "byte-v1", "vocab_size": self.vocab_size, "pad": self.pad_id,
-                      "bos": self.bos_id, "eos": self.eos_id})
+        return _hash({"kind": "byte-v2", "vocab_size": self.vocab_size, "bos": self.bos_id,
+                      "eos": self.eos_id})
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=259, pad=256, bos=257, eos=258)"
@@ -106,10 +117,11 @@ class HFTokenizer:
 
     `pad_id` falls back to `eos_id` when the tokenizer has no pad token. A tokenizer without an
     EOS token is refused (responses must end with EOS). `vocab_size` is `len(tokenizer)`, which
-    counts added tokens.
+    counts added tokens. `stop_ids` = eos_id plus `extra_stop_ids` (for a directory: the
+    eos_token_id of its generation_config.json, an int or a list).
     """
 
-    def __init__(self, hf_tokenizer: Any):
+    def __init__(self, hf_tokenizer: Any, extra_stop_ids: Sequence[int] = ()):
         self.hf = hf_tokenizer
         if hf_tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no EOS token; jaxrlhf needs one to end responses")
@@ -119,7 +131,9 @@ class HFTokenizer:
         bos = hf_tokenizer.bos_token_id
         self.bos_id = None if bos is None else int(bos)
         self.vocab_size = len(hf_tokenizer)
-        self._special = {i for i in (self.pad_id, self.eos_id, self.bos_id) if i is not None}
+        self.stop_ids = tuple(sorted({self.eos_id, *(int(i) for i in extra_stop_ids)}))
+        self.has_chat_template = bool(getattr(hf_tokenizer, "chat_template", None))
+        self._special = {i for i in (self.pad_id, self.bos_id, *self.stop_ids) if i is not None}
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -136,12 +150,25 @@ class HFTokenizer:
         return fallback_chat_template(messages, add_generation_prompt)
 
     def fingerprint(self) -> str:
-        return _hash({"kind": "hf", "vocab": sorted(self.hf.get_vocab().items()),
-                      "pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id})
+        return _hash({"kind": "hf-v2", "vocab": sorted(self.hf.get_vocab().items()),
+                      "bos": self.bos_id, "eos": self.eos_id, "stop": list(self.stop_ids)})
 
     def __repr__(self) -> str:
         return (f"HFTokenizer({type(self.hf).__name__}, vocab_size={self.vocab_size}, "
-                f"pad={self.pad_id}, bos={self.bos_id}, eos={self.eos_id})")
+                f"pad={self.pad_id}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"stop={list(self.stop_ids)}, chat_template={self.has_chat_template})")
+
+
+def generation_stop_ids(path: str) -> list[int]:
+    """eos_token_id of `path`/generation_config.json (an int or a list; [] when absent)."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return []
+    with open(file) as f:
+        value = json.load(f).get("eos_token_id")
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def load_tokenizer(spec: str | Tokenizer) -> Tokenizer:
@@ -157,4 +184,5 @@ def load_tokenizer(spec: str | Tokenizer) -> Tokenizer:
     from transformers import AutoTokenizer  # lazy: heavy import, only for HF tokenizers
 
     return HFTokenizer(AutoTokenizer.from_pretrained(spec, trust_remote_code=False,
-                                                     local_files_only=True))
+                                                     local_files_only=True),
+                       extra_stop_ids=generation_stop_ids(spec))

@@ -86,7 +86,7 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int):
             res = generate(model, b["prompt_tokens"], b["prompt_mask"],
                            jax.random.fold_in(jax.random.fold_in(base_key, i), j),
                            max_new_tokens=int(ppo_cfg.ppo.max_new_tokens),
-                           temperature=float(ppo_cfg.ppo.temperature), eos_id=tok.eos_id,
+                           temperature=float(ppo_cfg.ppo.temperature), eos_id=tok.stop_ids,
                            pad_id=tok.pad_id)
             toks, mask = np.asarray(res.response_tokens), np.asarray(res.response_mask)
             fin = np.asarray(res.finished)
