@@ -7,6 +7,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 from hypothesis import given, settings
 from jax.test_util import check_grads
@@ -288,3 +289,38 @@ def test_pairwise_label_smoothing_symmetry_and_bounds(delta, eps):
     # differs by up to 2^-24; the loss moves by |Δ| times that (76 · 6e-8 ≈ 5e-6 at ε = 1e-6).
     np.testing.assert_allclose(loss, swapped, rtol=1e-5, atol=1e-6 + abs(delta) * 2.0**-23)
     np.testing.assert_allclose(loss, ref_pair_loss(float(rc[0]), eps), rtol=1e-5, atol=1e-6)
+
+
+def ref_center_penalty(r, ranks, valid, tie_mode):
+    """Mean over prompts with >= 1 pair of (mean reward of the valid responses)^2, float64."""
+    r = r.astype(np.float64)
+    vals = []
+    for b in range(r.shape[0]):
+        idx = [k for k in range(r.shape[1]) if valid[b, k]]
+        has_pair = any(ranks[b, i] < ranks[b, j] or (tie_mode == "soft" and i < j
+                                                       and ranks[b, i] == ranks[b, j])
+                       for i in idx for j in idx if i != j)
+        if has_pair:
+            vals.append(np.mean(r[b, idx]) ** 2)
+    return float(np.mean(vals)) if vals else 0.0
+
+
+@pytest.mark.parametrize("seed,tie_mode", [(0, "skip"), (1, "soft"), (2, "skip")])
+def test_kwise_center_coef_adds_the_centring_penalty(seed, tie_mode):
+    rng = np.random.default_rng(seed)
+    r, ranks, valid = random_kwise(rng)
+    r = r + 3.0                                          # an offset the penalty sees
+    base, _ = obj.kwise_ranking_loss(r, ranks, valid, tie_mode=tie_mode)
+    c = 0.37
+    loss, m = obj.kwise_ranking_loss(r, ranks, valid, tie_mode=tie_mode, center_coef=c)
+    want = ref_center_penalty(r, ranks, valid, tie_mode)
+    np.testing.assert_allclose(float(m["center_penalty"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(base) + c * want, rtol=1e-5)
+    # Only the per-prompt mean is pulled: the gradient of the penalty term sums to
+    # 2 c r̄_b / n_prompts * (per-response share) and vanishes for centred rewards.
+    centred = np.where(valid, r - np.sum(np.where(valid, r, 0), 1, keepdims=True)
+                       / np.maximum(valid.sum(1, keepdims=True), 1), 0).astype(np.float32)
+    g = jax.grad(lambda x: obj.kwise_ranking_loss(x, ranks, valid, tie_mode=tie_mode,
+                                                  center_coef=c)[0]
+                 - obj.kwise_ranking_loss(x, ranks, valid, tie_mode=tie_mode)[0])(centred)
+    np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-6)

@@ -15,8 +15,16 @@ Tensor names are HF's own `save_pretrained` names: a base-model prefix ("model."
 "transformer.") plus `lm_head.weight` / `score.weight` at top level. Checkpoints without the
 prefix (a bare `LlamaModel`, the original `gpt2` files) load too.
 
-The score head's bias `score_b` has no HF counterpart (HF's `score` Linear has no bias); it
-travels in config.json as "jaxrlhf_score_bias", which HF ignores.
+Reward models (score head). jaxrlhf reads r(x, y) at the last real token of each row (from
+the attention mask). transformers' `*ForSequenceClassification` reads it at the last token whose
+id is not `config.pad_token_id`, so an export whose pad id can also be a row's real last token
+(pad == EOS, the usual case for chat models) would be scored one token early there. `save_hf`
+therefore takes the pad id to write (`score_pad_id` picks one that never ends a row; the
+trainers save the tokenizer with the same pad token), and then HF scores every row, single or
+padded on either side, at the token jaxrlhf scores. The score head's bias `score_b` has no HF
+counterpart (HF's `score` Linear has no bias); it travels in config.json as
+"jaxrlhf_score_bias", which HF ignores: a transformers user adds it to HF's logits (or trains
+with `rm.center_loss_coef` and no post-hoc bias, so that it is 0).
 """
 from __future__ import annotations
 
@@ -518,7 +526,23 @@ def _convert(fn, ckpt: _Checkpoint, names: Sequence[str]) -> Tuple[np.ndarray, .
 # ----------------------------------------------------------------------------------------
 # Saving.
 
-def save_hf(model: Transformer, path: str) -> None:
+def score_pad_id(pad_id: int, stop_ids: Sequence[int], candidates: Sequence[int]) -> int:
+    """The pad id to export with a reward model so that HF's "last token != pad" rule reads the
+    score where jaxrlhf does: `pad_id` when it is not a stop id (a real row never ends with it),
+    else the first of `candidates` (e.g. the tokenizer's unk, then its other special tokens)
+    that is not a stop id. Raises ValueError when there is none."""
+    stops = {int(i) for i in stop_ids}
+    if int(pad_id) not in stops:
+        return int(pad_id)
+    for c in candidates:
+        if c is not None and int(c) not in stops:
+            return int(c)
+    raise ValueError(f"pad id {pad_id} is a stop id {sorted(stops)} and no other special token "
+                     "can serve as the exported reward model's pad token.")
+
+
+def save_hf(model: Transformer, path: str, *, pad_token_id: Optional[int] = None,
+            eos_token_ids: Optional[Sequence[int]] = None) -> None:
     """Writes `model` as an HF checkpoint directory that `transformers` loads directly.
 
     Files: config.json, model.safetensors (tensor names and layouts exactly as HF's
@@ -527,11 +551,17 @@ def save_hf(model: Transformer, path: str) -> None:
     (model.safetensors.index.json, model-0000k-of-0000n.safetensors) are removed, as they
     would shadow the new file. A score head loads as `AutoModelForSequenceClassification`
     (num_labels=1); its bias is kept in config.json as "jaxrlhf_score_bias".
+
+    pad_token_id: written to config.json instead of the model config's (reward models: see
+    `score_pad_id`). eos_token_ids: the generation stop ids (an LM's generation_config.json
+    gets the list, e.g. EOS and a chat template's end-of-turn token).
     """
     from safetensors.numpy import save_file
 
     cfg, head = model.cfg, model.head
     hf_config = config_to_hf(cfg, head)
+    if pad_token_id is not None:
+        hf_config["pad_token_id"] = int(pad_token_id)
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
     def get(p: Path) -> np.ndarray:
@@ -563,6 +593,9 @@ def save_hf(model: Transformer, path: str) -> None:
         gen = {"_from_model_config": True}
         gen.update({k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                     if getattr(cfg, k) is not None})
+        if eos_token_ids:
+            ids = sorted({int(i) for i in eos_token_ids})
+            gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
         _write_json(os.path.join(path, "generation_config.json"), gen)
 
 

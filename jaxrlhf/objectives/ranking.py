@@ -75,7 +75,8 @@ def pairwise_ranking_loss(r_chosen_B: jax.Array, r_rejected_B: jax.Array, *,
 def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: jax.Array, *,
                        tie_mode: str = "skip", margin: Scalar | None = None,
                        label_smoothing: Scalar = 0.0,
-                       pair_weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                       pair_weights: jax.Array | None = None,
+                       center_coef: Scalar = 0.0) -> tuple[jax.Array, dict]:
     """InstructGPT K-wise ranking loss, all pairs of a prompt from one set of K rewards.
 
     A pair (i, j) of prompt b exists when both responses are valid and rank_i < rank_j (rank 0
@@ -90,6 +91,14 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
     K = 2 reduces exactly to `pairwise_ranking_loss` (including its weights). Variable K per
     prompt: mark missing responses invalid (their rewards/ranks are ignored, even if inf).
 
+    Centring in the weights (center_coef = c > 0; TRL's center_rewards_coefficient for K = 2,
+    up to its factor 4): with r̄_b the mean reward of prompt b's valid responses,
+
+      loss += c · Σ_{b with ≥1 pair} r̄_b² / #{b with ≥1 pair}
+
+    which pulls each prompt's mean reward to 0 without touching the differences the ranking
+    term sees, so the model needs no post-hoc bias (Hugging Face score heads have none).
+
     Ties: tie_mode="skip" (default) makes no pair from equal ranks; tie_mode="soft" adds one
     pair per tied (i < j) with the soft label 0.5 (ℓ = −½[log σ(Δ) + log σ(−Δ)]; margin and
     label smoothing do not apply to it, it counts in N_b, and its weight is pair_weights[b,i,j]).
@@ -102,11 +111,13 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
       margin: scalar or BxKxK, margin[b, i, j] used when i ranks above j; None = 0.
       label_smoothing: scalar or BxKxK ε of the pair (i above j).
       pair_weights: BxKxK weights of the pair (i above j); None = 1.
+      center_coef: weight c of the centring term (0 = off).
 
     Returns: (loss, metrics) with metrics
       accuracy: over ranked (non-tie) pairs, weighted like the loss, of [r_w > r_l] (reward ties
         0.5); mean_margin: same weighting of r_w − r_l; num_pairs: Σ_b N_b (tie pairs
-        included in "soft" mode); num_prompts: prompts with ≥ 1 pair.
+        included in "soft" mode); num_prompts: prompts with ≥ 1 pair; center_penalty: the
+        mean of r̄_b² over those prompts (reported whatever center_coef is).
     """
     if tie_mode not in ("skip", "soft"):
         raise ValueError(f"tie_mode must be 'skip' or 'soft', got {tie_mode!r}")
@@ -135,6 +146,12 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
     L_B = safe_divide(jnp.sum(jnp.where(is_pair, per_pair * w, 0.0), axis=(1, 2)), n_pairs_B)
     W_B = safe_divide(jnp.sum(w, axis=(1, 2)), n_pairs_B)
     loss = safe_divide(jnp.sum(L_B), jnp.sum(W_B))
+    has_pair_B = n_pairs_B > 0
+    n_valid_B = jnp.sum(valid.astype(dtype), axis=-1)
+    mean_r_B = safe_divide(jnp.sum(r, axis=-1), n_valid_B)
+    center_penalty = safe_divide(jnp.sum(jnp.where(has_pair_B, jnp.square(mean_r_B), 0.0)),
+                                 jnp.sum(has_pair_B.astype(dtype)))
+    loss = loss + jnp.asarray(center_coef, dtype) * center_penalty
 
     # Metrics over ranked pairs, each pair weighted w_bij / N_b like in the loss.
     mw = jnp.where(ranked, safe_divide(w, n_pairs_B[:, None, None]), 0.0)
@@ -146,6 +163,7 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
         "mean_margin": wmean(diff),
         "num_pairs": jnp.sum(n_pairs_B),
         "num_prompts": jnp.sum((n_pairs_B > 0).astype(dtype)),
+        "center_penalty": center_penalty,
     }
     return loss, jax.lax.stop_gradient(metrics)
 

@@ -44,15 +44,26 @@ def _valid(batch):
     return valid
 
 
+def frozen_bias(params):
+    """`params` with the score bias out of the gradient. The ranking loss only sees reward
+    differences, so its bias gradient is 0 anyway; freezing it keeps the centring term
+    (rm.center_loss_coef) from moving the bias, which HF score heads cannot hold: centring
+    then lives in the weights, and the post-hoc shift (rm.center_on_sft) stays the only
+    bias."""
+    return dict(params, score_b=jax.lax.stop_gradient(params["score_b"]))
+
+
 def ranking_loss(params, graphdef, batch, *, tie_mode: str, margin: float,
-                 label_smoothing: float):
-    rewards = sequence_rewards(params, graphdef, batch["tokens"], batch["attention_mask"])
+                 label_smoothing: float, center_coef: float = 0.0):
+    rewards = sequence_rewards(frozen_bias(params), graphdef, batch["tokens"],
+                               batch["attention_mask"])
     if "pair_margin" in batch:  # issue 8 hook (rm_toolkit): per-pair ε, m from strength
         margin, label_smoothing = batch["pair_margin"], batch["pair_smoothing"]
     elif not margin:
         margin = None
     return kwise_ranking_loss(rewards, batch["ranks"], _valid(batch), tie_mode=tie_mode,
-                              margin=margin, label_smoothing=label_smoothing)
+                              margin=margin, label_smoothing=label_smoothing,
+                              center_coef=center_coef)
 
 
 def num_prompts_with_pairs(batch, tie_mode: str):
@@ -77,6 +88,7 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
         loss, m = ranking_loss(params, graphdef, mb, **loss_kw)
         w = m["num_prompts"] / total
         return loss * w, {"accuracy": m["accuracy"] * w, "mean_margin": m["mean_margin"] * w,
+                          "center_penalty": m["center_penalty"] * w,
                           "num_pairs": m["num_pairs"]}
 
     loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
@@ -92,7 +104,7 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
         n = m["num_prompts"]
         return {"loss": loss * n, "accuracy": m["accuracy"] * n,
                 "mean_margin": m["mean_margin"] * n, "num_prompts": n,
-                "num_pairs": m["num_pairs"]}
+                "center_penalty": m["center_penalty"] * n, "num_pairs": m["num_pairs"]}
 
     def evaluate(state):
         acc = {}
@@ -105,7 +117,7 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
             return {}
         return {"loss": acc["loss"] / n, "accuracy": acc["accuracy"] / n,
                 "mean_margin": acc["mean_margin"] / n, "num_prompts": n,
-                "num_pairs": acc["num_pairs"]}
+                "center_penalty": acc["center_penalty"] / n, "num_pairs": acc["num_pairs"]}
 
     return evaluate
 
@@ -150,7 +162,8 @@ def run(config, stage_dir: str):
     train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
                                                      batch_size=int(tc.batch_size))
     loss_kw = dict(tie_mode=rc.tie_mode, margin=float(rc.margin),
-                   label_smoothing=float(rc.label_smoothing))
+                   label_smoothing=float(rc.label_smoothing),
+                   center_coef=float(rc.center_loss_coef))
 
     graphdef = nnx.graphdef(model)
     params = common.params_of(model)
@@ -195,6 +208,7 @@ def run(config, stage_dir: str):
                "skipped_steps": result.skipped_steps,
                **{f"train_{k}": v for k, v in result.last_metrics.items()},
                **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
+               **{f"eval_start_{k}": v for k, v in result.start_eval_metrics.items()},
                "centring_shift": bias_shift, "centring_examples": n_centre,
                "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
                "data_rejected": train_ds.report.n_rejected,

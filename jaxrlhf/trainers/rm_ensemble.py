@@ -363,7 +363,8 @@ def run(config, stage_dir: str):
                            process_index=pi, process_count=pc) for m in range(m_count)],
         tokenizer.pad_id)
     loss_kw = dict(tie_mode=rc.tie_mode, margin=float(rc.margin),
-                   label_smoothing=float(rc.label_smoothing))
+                   label_smoothing=float(rc.label_smoothing),
+                   center_coef=float(rc.center_loss_coef))
 
     optimizer, schedule = common.make_optimizer(tc)
     rep = NamedSharding(mesh, P())

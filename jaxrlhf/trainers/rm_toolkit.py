@@ -221,18 +221,18 @@ def difference_loss(params, graphdef, meta_batch):
 def toolkit_ranking_loss(params, graphdef, batch, *, tie_mode: str, margin: float,
                          label_smoothing: float, contrastive_coef: float = 0.0,
                          contrastive_temperature: float = 0.05,
-                         contrastive_dropout: float = 0.0):
+                         contrastive_dropout: float = 0.0, center_coef: float = 0.0):
     """(ranking loss, metrics, contrastive loss) of one (micro-)batch; per-pair ε / m from the
     batch when present (as in `reward.ranking_loss`)."""
-    h, rewards = last_hidden_and_rewards(params, graphdef, batch["tokens"],
-                                         batch["attention_mask"])
+    h, rewards = last_hidden_and_rewards(rm_stage.frozen_bias(params), graphdef,
+                                         batch["tokens"], batch["attention_mask"])
     if "pair_margin" in batch:
         margin, label_smoothing = batch["pair_margin"], batch["pair_smoothing"]
     elif not margin:
         margin = None
     loss, m = kwise_ranking_loss(rewards, batch["ranks"], rm_stage._valid(batch),
                                  tie_mode=tie_mode, margin=margin,
-                                 label_smoothing=label_smoothing)
+                                 label_smoothing=label_smoothing, center_coef=center_coef)
     con = jnp.zeros((), jnp.float32)
     if contrastive_coef:
         con, _ = pair_contrastive_loss(h, batch, batch["row_key"],
@@ -351,7 +351,7 @@ def sample_meta_examples(config, train_ds, tokenizer, mesh) -> list[dict]:
                            jax.random.fold_in(jax.random.PRNGKey(int(config.seed) + 4242),
                                               i * 1000 + j),
                            max_new_tokens=int(rc.meta_max_new_tokens),
-                           temperature=float(rc.meta_temperature), eos_id=tokenizer.eos_id,
+                           temperature=float(rc.meta_temperature), eos_id=tokenizer.stop_ids,
                            pad_id=tokenizer.pad_id, mesh=mesh)
             toks, mask = np.asarray(res.response_tokens), np.asarray(res.response_mask)
             for r in range(len(keep)):
