@@ -8,9 +8,10 @@ Layout (one concept per module):
   trainers/     pure jitted train steps for SFT, reward model and PPO
   sharding.py   device mesh and logical-axis sharding rules
 
-Importing jaxrlhf tunes glibc malloc so XLA's per-step CPU buffers are reused instead of
-page-faulted in at every step (see `jaxrlhf/_host_malloc.py`; JAXRLHF_HOST_MALLOC=default
-turns it off). Import jaxrlhf before jax for it to cover XLA's threads.
+With JAXRLHF_HOST_MALLOC=reuse, importing jaxrlhf tunes glibc malloc so XLA's per-step CPU
+buffers are reused instead of page-faulted in at every step: faster for small models, but it
+multiplies peak memory at real-model scale, so it is off by default (see
+`jaxrlhf/_host_malloc.py`). Import jaxrlhf before jax for it to cover XLA's threads.
 """
 from jaxrlhf._host_malloc import tune_host_malloc as _tune_host_malloc
 

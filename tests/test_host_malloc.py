@@ -1,4 +1,4 @@
-"""The glibc malloc tuning applied on `import jaxrlhf` (see jaxrlhf/_host_malloc.py)."""
+"""The opt-in glibc malloc tuning of `import jaxrlhf` (see jaxrlhf/_host_malloc.py)."""
 import platform
 import subprocess
 import sys
@@ -34,14 +34,15 @@ def _probe(env_value):
 
 
 @glibc_only
-def test_import_tunes_malloc_and_large_blocks_are_reused():
-    applied, faults = _probe(None)
+def test_opt_in_tunes_malloc_and_large_blocks_are_reused():
+    applied, faults = _probe("reuse")
     assert applied
     assert faults < 1000, faults          # tuned: the freed block is reused from the heap
 
 
 @glibc_only
-def test_opt_out_leaves_glibc_defaults():
-    applied, faults = _probe("default")
+@pytest.mark.parametrize("env_value", [None, "default"])
+def test_default_leaves_glibc_defaults(env_value):
+    applied, faults = _probe(env_value)
     assert not applied
     assert faults > 10000, faults         # a fresh mmap per block: 16,384 4-KB pages

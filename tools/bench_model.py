@@ -62,6 +62,11 @@ import platform
 import sys
 import time
 
+# The toy presets were measured with the opt-in glibc malloc tuning (see
+# jaxrlhf/_host_malloc.py); set before jaxrlhf is imported. Export
+# JAXRLHF_HOST_MALLOC=default to measure without it.
+os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as bc  # noqa: E402
 import _bench_model_common as bmc  # noqa: E402
