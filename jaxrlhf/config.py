@@ -9,6 +9,10 @@ are an error):
   stage        "sft" | "rm" | "ppo" | "pipeline" | "rm_ensemble" (M reward models in one
                vmapped step + preference strength; `jaxrlhf.trainers.rm_ensemble`)
   seed         seeds init, data order and sampling; the same seed gives the same run
+  data_root    where relative data paths are looked up (e.g. "hh-rlhf-harmless/train.jsonl.gz"
+               in the configs): the environment variable JAXRLHF_DATA_ROOT, else the shared
+               data folder beside this checkout (<checkout>/../shared/data). A relative path
+               that exists from the working directory is used as it is.
   init_from    "" (fresh init from `model`), a local HF directory (config.json + safetensors),
                or a jaxrlhf stage directory (its exported `hf/` is used)
   tokenizer    "byte" (built-in), a local HF tokenizer directory, or "auto" (the init_from
@@ -22,7 +26,8 @@ are an error):
   train        optimisation: batch_size (global), steps, grad_accum (micro-batches per step,
                exact: losses are normalised by the whole batch's token/prompt count), lr,
                warmup_steps, min_lr_ratio (cosine floor), weight_decay, b1, b2, eps,
-               grad_clip (global norm; 0 = off), log_every, eval_every, eval_batches
+               grad_clip (global norm; 0 = off), log_every, eval_every, eval_at_start
+               (evaluate a fresh run before its first step, logged as step 0), eval_batches
                (0 = the whole held-out set), save_every, max_to_keep,
                on_nonfinite ("stop": raise naming the step and batch | "skip": leave the
                state unchanged for that step and count it)
@@ -34,6 +39,8 @@ are an error):
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 import typing
 
 import ml_collections
@@ -42,6 +49,35 @@ from ml_collections import config_dict
 from jaxrlhf.models.config import ModelConfig
 
 STAGES = ("sft", "rm", "ppo", "pipeline", "rm_ensemble")
+DATA_ROOT_ENV = "JAXRLHF_DATA_ROOT"
+
+
+def default_data_root() -> str:
+    """$JAXRLHF_DATA_ROOT, else <checkout>/../shared/data (the project's shared data)."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "shared", "data"))
+
+
+def resolve_data_paths(config, root: str | None = None) -> None:
+    """Rewrites, in place, every relative data `path` in `config` (any nested block with
+    `path` and `format`) that does not exist from the working directory but does under
+    `root` (default `config.data_root`) to the absolute path there."""
+    root = root if root is not None else config.get("data_root") or default_data_root()
+    for key in list(config.keys()):
+        block = config[key]
+        if not isinstance(block, ml_collections.ConfigDict):
+            continue
+        if "path" in block and "format" in block:
+            path = block.path
+            if (path and path != "synthetic" and not os.path.isabs(path)
+                    and not os.path.exists(path)):
+                under = os.path.join(root, path)
+                if os.path.exists(under) or glob.glob(under):
+                    block.path = os.path.abspath(under)
+        resolve_data_paths(block, root)
 
 
 def _model_block() -> ml_collections.ConfigDict:
@@ -76,6 +112,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 0
+    c.data_root = default_data_root()
     c.init_from = ""
     c.tokenizer = "byte"
     c.model = _model_block()
@@ -102,6 +139,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     t.grad_clip = 1.0
     t.log_every = 50
     t.eval_every = 250
+    t.eval_at_start = True
     t.eval_batches = 0
     t.save_every = 500
     t.max_to_keep = 2
@@ -121,6 +159,9 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     r.center_data = default_data_config()   # SFT demonstrations used for centring
     r.center_data.format = "sft"
     r.center_examples = 512      # at most this many demonstrations are scored for centring
+    r.center_loss_coef = 0.0     # c > 0: + c * mean over prompts of (mean reward)^2 in the loss,
+                                 # centring that lives in the weights (HF score heads have no
+                                 # bias); use it with center_on_sft=False for exact HF scores
     r.export_hf = True
     # MOSS toolkit (issue 8; jaxrlhf.trainers.rm_toolkit / rm_ensemble). Defaults: all off.
     r.ensemble_size = 4          # rm_ensemble stage: M members (seeds and data orders seed + m)
@@ -198,8 +239,20 @@ def ppo_block() -> ml_collections.ConfigDict:
     p.sample_every = 10        # print / write sample generations every n iterations
     p.gold_reward = True       # built-in task: log the gold reward of every rollout
     p.eval_prompts = 256       # held-out prompts scored before PPO (the SFT policy), every
-                               # train.eval_every iterations, and at the end
+                               # train.eval_every iterations, and at the end (the first
+                               # eval_prompts of eval_data, rounded up to whole rollout batches)
     return p
+
+
+def sibling_config(config_file: str, name: str):
+    """The module `<dir of config_file>/<name>.py` (a config file composing others, e.g. a
+    pipeline from sft.py, rm.py and ppo.py), loaded by path."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_jaxrlhf_configs_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -238,6 +291,7 @@ def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "pipeline"
     c.seed = 0
+    c.data_root = default_data_root()
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False
     p = c.pipeline = ml_collections.ConfigDict()

@@ -246,6 +246,30 @@ def test_reward_model_learns_marker(tmp_path, swap):
         assert summary["eval_accuracy"] > 0.95
 
 
+def test_rm_centring_in_the_weights_keeps_the_bias_at_zero(tmp_path):
+    """rm.center_loss_coef: the prompts' mean reward is pulled to 0 by the weights; the score
+    bias (which HF score heads cannot hold) stays exactly 0, so no post-hoc offset exists.
+    Also: a fresh run evaluates before its first step (eval row at step 0)."""
+    _marker_file(tmp_path / "train.jsonl", 256, 0)
+    cfg = shrink(load_config("rm", f"data={tmp_path / 'train.jsonl'}"), steps=30,
+                 batch_size=16)
+    cfg.train.lr = 3e-3
+    cfg.train.eval_every = 0
+    cfg.train.save_every = 0
+    cfg.data.buckets = (32,)
+    cfg.rm.center_on_sft = False
+    cfg.rm.center_loss_coef = 1.0
+    summary, _ = runner.run(cfg, str(tmp_path / "rm"))
+    with open(tmp_path / "rm" / "hf" / "config.json") as f:
+        assert json.load(f)["jaxrlhf_score_bias"] == 0.0
+    with open(tmp_path / "rm" / "hf" / "jaxrlhf.json") as f:
+        assert json.load(f)["hf_score_offset"] == 0.0
+    evals = [r for r in _train_rows(str(tmp_path / "rm")) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 30]
+    assert summary["eval_accuracy"] > 0.9 and summary["eval_mean_margin"] > 1.0
+    assert summary["eval_center_penalty"] < 0.05 * summary["eval_mean_margin"] ** 2
+
+
 def test_rm_centring_makes_demonstrations_score_zero(tmp_path):
     # 6 steps: the same train step program as test_resume_equals_uninterrupted[rm].
     cfg = shrink(load_config("rm"), steps=6)

@@ -8,6 +8,7 @@ Randomness inside a step is `jax.random.fold_in(state["rng"], state["step"])`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -145,18 +146,41 @@ def build_model(config, head: str, mesh: Mesh, *, init_dir: str = "", seed: int 
 
 def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
                        stage: str, extra: Optional[dict] = None) -> str:
-    """save_hf + a jaxrlhf.json recording the tokenizer (and HF tokenizer files if any)."""
+    """save_hf + a jaxrlhf.json recording the tokenizer (and HF tokenizer files if any).
+
+    A reward model (score head) is exported with a pad token that never ends a real row
+    (`hf_io.score_pad_id`; the saved tokenizer gets the same pad token), so transformers'
+    `AutoModelForSequenceClassification` scores single rows and padded batches at the token
+    jaxrlhf scores. jaxrlhf.json then records `hf_pad_token_id` and `hf_score_offset` (the
+    score bias HF cannot hold: HF logits + hf_score_offset = jaxrlhf's reward).
+    """
     from jaxrlhf.models import save_hf
+    from jaxrlhf.models.hf_io import score_pad_id
     if jax.process_count() > 1:  # gather the sharded params on every host (collective)
         graphdef, state = nnx.split(model)
         model = nnx.merge(graphdef, jax.tree.map(host_array, state))
     if jax.process_index() == 0:
-        save_hf(model, out_dir)
-        hf_tok = getattr(tokenizer, "hf", None) or getattr(tokenizer, "_tok", None)
-        if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
-            hf_tok.save_pretrained(out_dir)
+        hf_tok = getattr(tokenizer, "hf", None)
         meta = {"stage": stage, "tokenizer": tokenizer_spec_,
                 "tokenizer_fingerprint": tokenizer.fingerprint()}
+        pad = None
+        if model.head == "score":
+            candidates = []
+            if hf_tok is not None:
+                candidates = [hf_tok.unk_token_id, *sorted(hf_tok.all_special_ids)]
+                candidates = [c for c in candidates if c != tokenizer.bos_id]
+            pad = score_pad_id(tokenizer.pad_id, tokenizer.stop_ids, candidates)
+            bias = float(jax.device_get(nnx.state(model, nnx.Param)["score_b"].get_value()))
+            meta.update(hf_pad_token_id=pad, hf_score_offset=bias,
+                        hf_usage="AutoModelForSequenceClassification logits[:, 0] + "
+                                 "hf_score_offset = the jaxrlhf reward, read at the last token "
+                                 "that is not hf_pad_token_id (pad with the saved tokenizer)")
+        save_hf(model, out_dir, pad_token_id=pad, eos_token_ids=tokenizer.stop_ids)
+        if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
+            if pad is not None and pad != tokenizer.pad_id:
+                hf_tok = copy.deepcopy(hf_tok)
+                hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
+            hf_tok.save_pretrained(out_dir)
         meta.update(extra or {})
         with open(os.path.join(out_dir, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -322,6 +346,7 @@ class LoopResult:
     eval_metrics: Dict[str, float]
     wall_time: float
     skipped_steps: int
+    start_eval_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _SigtermFlag:
@@ -348,7 +373,8 @@ def train_loop(*, name: str, stage_dir: str, config, state, state_sh, step_fn: C
                train_iter, mesh: Mesh, eval_fn: Optional[Callable] = None,
                total_steps: int, ckpt: Checkpointer, extra_meta: Optional[Callable] = None,
                logger: Optional[MetricsLogger] = None) -> LoopResult:
-    """Runs `step_fn(state, batch)` from state["step"] to total_steps.
+    """Runs `step_fn(state, batch)` from state["step"] to total_steps. A fresh run evaluates once
+    before its first step (logged as eval step 0; train.eval_at_start=False skips it).
 
     Metrics of step N are read after step N+1 is dispatched (logging never stalls the
     device). A non-finite loss raises `NonFiniteLoss` naming the step and batch (or, with
@@ -391,6 +417,10 @@ def train_loop(*, name: str, stage_dir: str, config, state, state_sh, step_fn: C
         logger.write(step_no, m)
         last = m
 
+    start_eval: Dict[str, float] = {}
+    if eval_fn is not None and start == 0 and tc.get("eval_at_start", True) and total_steps:
+        start_eval = eval_fn(state)   # the starting point (e.g. the model before SFT)
+        logger.write(0, start_eval, split="eval")
     with _SigtermFlag() as sigterm:
         for step in range(start, total_steps):
             batch_pos = train_iter.state()
@@ -421,7 +451,7 @@ def train_loop(*, name: str, stage_dir: str, config, state, state_sh, step_fn: C
     if start >= total_steps and eval_fn is not None:
         eval_metrics = eval_fn(state)
     logger.close()
-    return LoopResult(state, last, eval_metrics, time.time() - t0, skipped)
+    return LoopResult(state, last, eval_metrics, time.time() - t0, skipped, start_eval)
 
 
 def restore_or_init(ckpt: Checkpointer, state, state_sh, train_iter, log=print):

@@ -305,7 +305,10 @@ class _PolicyEval:
         it = self.ds.iterator(int(pc.rollout_batch), shuffle=False, drop_remainder=False,
                               num_epochs=1, process_index=jax.process_index(),
                               process_count=jax.process_count())
+        max_batches = -(-int(pc.eval_prompts) // int(pc.rollout_batch))
         for i, b in enumerate(it):
+            if i >= max_batches:  # the first eval_prompts held-out prompts (rounded up)
+                break
             keep = b.pop("batch_mask") > 0
             index = b.pop("index")
             g = common.to_global(b, self.mesh)
@@ -313,7 +316,7 @@ class _PolicyEval:
                            jax.random.fold_in(jax.random.PRNGKey(1234), i),
                            max_new_tokens=int(pc.max_new_tokens),
                            temperature=float(pc.temperature), top_k=int(pc.top_k),
-                           top_p=float(pc.top_p), eos_id=self.tok.eos_id,
+                           top_p=float(pc.top_p), eos_id=self.tok.stop_ids,
                            pad_id=self.tok.pad_id, mesh=self.mesh)
             rollout = {"tokens": res.tokens, "mask": res.mask,
                        "response_tokens": res.response_tokens,
@@ -447,7 +450,7 @@ def run(config, stage_dir: str):
     if rm_model.cfg.vocab_size != actor_model.cfg.vocab_size:
         raise ValueError(f"Actor vocab {actor_model.cfg.vocab_size} != reward model vocab "
                          f"{rm_model.cfg.vocab_size}: they must share one tokenizer.")
-    eos_id, pad_id = tokenizer.eos_id, tokenizer.pad_id
+    eos_id, pad_id = tokenizer.stop_ids, tokenizer.pad_id
 
     # Trainable params: actor (a separate buffer from the frozen reference, which is never
     # donated) and critic (a separate model from critic_init, or a value head on the trunk).

@@ -32,4 +32,6 @@ def run(config, workdir: str):
         raise
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
+    from jaxrlhf.config import resolve_data_paths
+    resolve_data_paths(config)
     return module.run(config, workdir)

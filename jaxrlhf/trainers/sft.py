@@ -108,6 +108,7 @@ def run(config, stage_dir: str):
                "skipped_steps": result.skipped_steps,
                **{f"train_{k}": v for k, v in result.last_metrics.items()},
                **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
+               **{f"eval_start_{k}": v for k, v in result.start_eval_metrics.items()},
                "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
                "data_rejected": train_ds.report.n_rejected}
     if jax.process_index() == 0:
