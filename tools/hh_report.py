@@ -6,7 +6,8 @@ Reads DIR/sft/hf, DIR/rm/hf and DIR/ppo/hf (the exports) and writes DIR/report.j
 DIR/report.md and DIR/rm_scores.png:
 
   rm        the reward model on the HH-RLHF harmless test split (every usable pair, rendered
-            with the chat template exactly as in training): accuracy (reward ties count 0.5),
+            with the chat template, rows up to 512 tokens: the pipeline's own eval cuts at its
+            max_len): accuracy (reward ties count 0.5),
             mean / std / quantiles of the chosen and rejected rewards and of the margin; and,
             when torch is installed, the same rewards from transformers'
             AutoModelForSequenceClassification on the export (max |difference|), batch padded
