@@ -47,6 +47,8 @@ def test_two_processes_match_one(tmp_path):
 
     ra = read_jsonl(os.path.join(one, "metrics.jsonl"))
     rb = read_jsonl(os.path.join(two, "metrics.jsonl"))
-    assert [r["split"] for r in ra] == [r["split"] for r in rb] == ["train"] * 3 + ["eval"]
+    # eval at step 0 (a fresh run evaluates first), 3 train steps, eval at the end
+    assert [r["split"] for r in ra] == [r["split"] for r in rb] == ["eval"] + ["train"] * 3 + [
+        "eval"]
     np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-5)
     assert os.path.exists(os.path.join(two, "hf", "model.safetensors"))

@@ -198,15 +198,16 @@ def test_sharded_run_matches_single_device(tmp_path, monkeypatch):
             runner.run(cfg, eight)
     assert Checkpointer(os.path.join(eight, "checkpoints")).latest_step() == 3
     rows = _train_rows(eight)
-    assert [r["split"] for r in rows] == ["train"] * 3 + ["eval"]   # all on 8 devices
+    # eval at step 0, 3 steps and the eval at step 3, all on 8 devices
+    assert [r["split"] for r in rows] == ["eval"] + ["train"] * 3 + ["eval"]
     np.testing.assert_allclose([r["loss"] for r in rows],
-                               [r["loss"] for r in _train_rows(one)[:4]], rtol=1e-5)
+                               [r["loss"] for r in _train_rows(one)[:5]], rtol=1e-5)
     # Restore the 8-device checkpoint onto a 1-device mesh: resume works across meshes.
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
     runner.run(cfg, eight)
     assert Checkpointer(os.path.join(eight, "checkpoints")).latest_step() == 4
     la, lb = _train_rows(one), _train_rows(eight)
-    splits = ["train"] * 3 + ["eval", "train", "eval"]
+    splits = ["eval"] + ["train"] * 3 + ["eval", "train", "eval"]
     assert [r["split"] for r in lb] == [r["split"] for r in la] == splits
     np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5)
 
