@@ -163,7 +163,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
                                  # centring that lives in the weights (HF score heads have no
                                  # bias); use it with center_on_sft=False for exact HF scores
     r.export_hf = True
-    # MOSS toolkit (issue 8; jaxrlhf.trainers.rm_toolkit / rm_ensemble). Defaults: all off.
+    # MOSS toolkit (jaxrlhf.trainers.rm_toolkit / rm_ensemble). Defaults: all off.
     r.ensemble_size = 4          # rm_ensemble stage: M members (seeds and data orders seed + m)
     r.strength_file = ""         # strength.jsonl (rm_ensemble output): per-pair mean mu / std
     r.flip_fraction = 0.0        # reverse the labels of this fraction of lowest-mu pairs
@@ -192,11 +192,11 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
 
 
 def ppo_block() -> ml_collections.ConfigDict:
-    """PPO-ptx options (SPEC §1); every default documented here."""
+    """PPO-ptx options; every default documented here."""
     p = ml_collections.ConfigDict()
     p.actor_init = ""          # SFT stage dir or HF dir: actor and frozen reference
     p.reward_init = ""         # RM stage dir or HF dir (score head): frozen reward model
-    p.reward_ensemble = ""     # issue 8: an rm_ensemble stage dir; score = mean - coef * std
+    p.reward_ensemble = ""     # an rm_ensemble stage dir; score = mean - coef * std
     p.uncertainty_coef = 0.0   # lambda of the ensemble score (0 = the ensemble mean)
     p.critic_init = ""         # "" = reward_init (InstructGPT: critic starts from the RM)
     p.ref_init = ""            # "" = actor_init; iterated RLHF keeps the SFT model as reference

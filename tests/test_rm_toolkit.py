@@ -1,4 +1,4 @@
-"""MOSS reward-model toolkit (issue 8): vmapped ensemble == M independent models step for step;
+"""MOSS reward-model toolkit: vmapped ensemble == M independent models step for step;
 preference strength == NumPy; flip / soft-label / adaptive-margin options change the loss
 exactly as specified; contrastive term; MetaRM step == a hand-written two-step reference;
 uncertainty-aware PPO score; the stages run end to end."""

@@ -333,7 +333,7 @@ def bench_rm(name, args, probe):
 
 
 def targets(name, res):
-    """Issue 2 / issue 6 targets: train steps at least as fast as PyTorch on every preset;
+    """Targets: train steps at least as fast as PyTorch on every preset;
     >= 70% MFU on base."""
     out = {}
     if "ratio" in res:

@@ -1,4 +1,4 @@
-"""Pure RLHF math (SPEC §1–2): every function is jit/vmap/sharding friendly and side-effect free.
+"""Pure RLHF math: every function is jit/vmap/sharding friendly and side-effect free.
 
   stats.py          token_logprobs, entropy, masked_mean / masked_var / masked_whiten
   ranking.py        pairwise / K-wise ranking losses (+ MOSS options), contrastive_loss

@@ -1,4 +1,4 @@
-"""Per-token KL estimators and the KL-penalised PPO reward (SPEC §1, PPO-ptx).
+"""Per-token KL estimators and the KL-penalised PPO reward (PPO-ptx).
 
 With lr = log π(y_t) − log π_ref(y_t) for y_t sampled from π, the three estimators of
 KL(π ‖ π_ref) of Schulman's note "Approximating KL divergence" are

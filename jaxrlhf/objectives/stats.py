@@ -4,7 +4,7 @@ Conventions shared by every function in `jaxrlhf.objectives`:
 
 * Shapes live in names: B batch, T time (tokens), V vocabulary, K responses per prompt.
 * Masks may be bool or float (0/1). Masked positions are removed with `jnp.where`, never by
-  multiplication, so an inf or NaN stored at a masked position cannot turn into a NaN (SPEC §4)
+  multiplication, so an inf or NaN stored at a masked position cannot turn into a NaN
   and receives exactly zero gradient.
 * Maths runs in at least float32 (bf16/f16 inputs are upcast; float64 stays float64 so gradients
   can be checked by finite differences under `jax.enable_x64`).

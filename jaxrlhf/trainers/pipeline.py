@@ -1,5 +1,5 @@
 """Stage `pipeline`: SFT -> RM -> PPO in DIR/sft, DIR/rm, DIR/ppo, each starting from the
-previous stage's export; with `pipeline.iterations = n > 1`, iterated RLHF (SPEC §1):
+previous stage's export; with `pipeline.iterations = n > 1`, iterated RLHF:
 
   round 1:  DIR/sft -> DIR/rm -> DIR/ppo
   round r:  sample K responses per prompt from the current policy (DIR/ppo[_r-1]),

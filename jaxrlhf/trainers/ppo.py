@@ -1,4 +1,4 @@
-"""PPO-ptx with four models (SPEC §1, §3): actor (trained, from SFT), reference (frozen SFT),
+"""PPO-ptx with four models: actor (trained, from SFT), reference (frozen SFT),
 reward model (frozen), critic (trained, from the reward model; or a value head on the actor's
 trunk with `ppo.critic="shared"`).
 
@@ -80,7 +80,7 @@ def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str)
 
 
 def reward_score(rm_params, rm_graphdef, tokens, mask, opts):
-    """The frozen RM's score at the last real token; with ppo.reward_ensemble (issue 8) the
+    """The frozen RM's score at the last real token; with ppo.reward_ensemble the
     stacked ensemble's mean − ppo.uncertainty_coef · std (`rm_ensemble.uncertainty_reward`)."""
     if opts.get("reward_ensemble"):
         from jaxrlhf.trainers.rm_ensemble import uncertainty_reward
@@ -373,7 +373,7 @@ def _opts(config) -> Dict[str, Any]:
             "loss_agg", "whiten_advantages", "reward_clip", "reward_norm",
             "missing_eos_penalty")
     opts = {k: pc[k] for k in keys}
-    # Issue 8 hook: score with an rm_ensemble (mean − uncertainty_coef · std).
+    # Score with an rm_ensemble (mean − uncertainty_coef · std).
     opts.update(reward_ensemble=bool(pc.get("reward_ensemble")),
                 uncertainty_coef=float(pc.get("uncertainty_coef", 0.0)))
     return opts
@@ -428,7 +428,7 @@ def run(config, stage_dir: str):
         raise ValueError("PPO needs ppo.actor_init (an SFT stage dir or HF dir) and "
                          "ppo.reward_init (a reward-model stage dir or HF dir).")
     actor_dir = common.resolve_init_dir(pc.actor_init)
-    if opts["reward_ensemble"]:  # issue 8: member 0 stands in for reward_init (critic, checks)
+    if opts["reward_ensemble"]:  # member 0 stands in for reward_init (critic, checks)
         from jaxrlhf.trainers import rm_ensemble
         reward_dir = common.resolve_init_dir(pc.reward_init or
                                              rm_ensemble.member_dirs(pc.reward_ensemble)[0])
@@ -440,7 +440,7 @@ def run(config, stage_dir: str):
 
     ref_dir = common.resolve_init_dir(pc.ref_init or pc.actor_init)
     ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh, config.model)
-    if opts["reward_ensemble"]:  # issue 8: stacked members [M, ...]
+    if opts["reward_ensemble"]:  # stacked members [M, ...]
         rm_gd, rm_params, rm_model = rm_ensemble.load_ensemble(pc.reward_ensemble, mesh)
     else:
         rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh, config.model)

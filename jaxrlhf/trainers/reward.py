@@ -1,4 +1,4 @@
-"""Reward-model training from K-wise rankings (SPEC §1, InstructGPT).
+"""Reward-model training from K-wise rankings (InstructGPT).
 
 r(x, y) is the scalar head at the last real token of prompt + response. All C(K,2) pairs of
 a prompt come from ONE forward pass over its K responses; the loss is
@@ -57,7 +57,7 @@ def ranking_loss(params, graphdef, batch, *, tie_mode: str, margin: float,
                  label_smoothing: float, center_coef: float = 0.0):
     rewards = sequence_rewards(frozen_bias(params), graphdef, batch["tokens"],
                                batch["attention_mask"])
-    if "pair_margin" in batch:  # issue 8 hook (rm_toolkit): per-pair ε, m from strength
+    if "pair_margin" in batch:  # rm_toolkit: per-pair ε, m from strength
         margin, label_smoothing = batch["pair_margin"], batch["pair_smoothing"]
     elif not margin:
         margin = None
@@ -173,7 +173,7 @@ def run(config, stage_dir: str):
                                               int(config.seed))
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
                         save_every=tc.save_every)
-    # Issue 8 hook: MOSS options of config.rm (jaxrlhf.trainers.rm_toolkit); None = all off.
+    # MOSS options of config.rm (jaxrlhf.trainers.rm_toolkit); None = all off.
     from jaxrlhf.trainers import rm_toolkit
     toolkit = rm_toolkit.setup(config, train_ds, tokenizer, mesh, stage_dir)
     if toolkit is not None:
@@ -212,7 +212,7 @@ def run(config, stage_dir: str):
                "centring_shift": bias_shift, "centring_examples": n_centre,
                "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
                "data_rejected": train_ds.report.n_rejected,
-               **({"moss": toolkit.info} if toolkit is not None else {})}  # issue 8 hook
+               **({"moss": toolkit.info} if toolkit is not None else {})}
     if jax.process_index() == 0:
         write_summary(stage_dir, summary)
         plot_curves(stage_dir, [["loss"], ["accuracy"], ["mean_margin"]], title="Reward model")

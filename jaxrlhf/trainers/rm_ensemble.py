@@ -1,5 +1,5 @@
 """Stage `rm_ensemble`: M reward models trained together in ONE compiled step, then the
-preference strength of every training pair (SPEC §2, MOSS "Measuring the strength of
+preference strength of every training pair (MOSS "Measuring the strength of
 preferences").
 
 Ensemble step. The members' parameters, optimizer states and rngs are stacked on a leading

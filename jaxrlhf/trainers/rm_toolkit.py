@@ -1,4 +1,4 @@
-"""MOSS reward-model training options (SPEC §2, "Secrets of RLHF II") on top of the plain
+"""MOSS reward-model training options ("Secrets of RLHF II") on top of the plain
 K-wise ranking loss of `jaxrlhf.trainers.reward`. Every option lives in `config.rm`; with all
 of them off `setup` returns None and the RM stage runs its unchanged default path.
 

@@ -2,8 +2,8 @@
 
   sft       -> jaxrlhf.trainers.sft.run(config, workdir)
   rm        -> jaxrlhf.trainers.reward.run(config, workdir)
-  ppo       -> jaxrlhf.trainers.ppo.run(config, workdir)          (PPO issue)
-  pipeline  -> sft -> rm -> ppo in workdir/{sft,rm,ppo}            (PPO issue)
+  ppo       -> jaxrlhf.trainers.ppo.run(config, workdir)
+  pipeline  -> sft -> rm -> ppo in workdir/{sft,rm,ppo}
   rm_ensemble -> jaxrlhf.trainers.rm_ensemble.run(config, workdir)  (M RMs + strength)
 
 Every stage resumes from the latest checkpoint in its directory, so re-running the same
@@ -16,7 +16,7 @@ import os
 
 STAGE_MODULES = {"sft": "jaxrlhf.trainers.sft", "rm": "jaxrlhf.trainers.reward",
                  "ppo": "jaxrlhf.trainers.ppo", "pipeline": "jaxrlhf.trainers.pipeline",
-                 "rm_ensemble": "jaxrlhf.trainers.rm_ensemble"}   # issue 8 (MOSS toolkit)
+                 "rm_ensemble": "jaxrlhf.trainers.rm_ensemble"}
 
 
 def run(config, workdir: str):

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: next-token cross-entropy on response tokens (SPEC §1).
+"""Supervised fine-tuning: next-token cross-entropy on response tokens.
 
 Batch keys (from `jaxrlhf.data`): tokens, attention_mask, loss_mask [B, T]; loss_mask[t] = 1
 when tokens[t] is a target predicted from position t-1 (response tokens and their EOS, even
