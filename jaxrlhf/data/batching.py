@@ -106,18 +106,8 @@ def _chat_rows(ex, tok, opts, report, responses: Sequence[str]):
         return None
     if "messages" not in ex:  # HH responses: " text" after the "Assistant:" marker
         responses = [r.strip() for r in responses]
-    dropped = False
-    while True:
-        p, rs = chat.encode_chat(tok, history, responses)
-        longest = max((len(r) for r in rs), default=0)
-        if len(p) + longest <= opts.max_len or opts.truncation == "drop":
-            break
-        shorter = chat.drop_oldest_turn(history)
-        if shorter is None:
-            break
-        history, dropped = shorter, True
-    if not rs:  # a PPO prompt
-        return p, rs, None
+    p, rs, dropped = chat.encode_fitting(tok, history, responses, opts.max_len,
+                                         opts.truncation != "drop")
     fit = fit_lengths(len(p), [len(r) for r in rs], opts.max_len, "right_response"
                       if opts.truncation != "drop" else "drop", len(p), opts.min_response_tokens)
     if fit is None:
@@ -234,14 +224,8 @@ def _chat_prompt(ex, tok, opts, report) -> list[int] | None:
     history = chat.chat_prompt_messages(ex, opts.format)
     if history is None:
         return None
-    p, _ = chat.encode_chat(tok, history, [])
-    dropped = False
-    while len(p) > opts.max_prompt_len and opts.truncation != "drop":
-        shorter = chat.drop_oldest_turn(history)
-        if shorter is None:
-            break
-        history, dropped = shorter, True
-        p, _ = chat.encode_chat(tok, history, [])
+    p, _, dropped = chat.encode_fitting(tok, history, [], opts.max_prompt_len,
+                                        opts.truncation != "drop")
     if len(p) > opts.max_prompt_len:
         raise _Bad("too_long", f"chat prompt {len(p)} tokens (its last turn) > "
                                f"max_prompt_len {opts.max_prompt_len}")

@@ -105,6 +105,23 @@ def encode_chat(tokenizer: Any, history: Sequence[Mapping[str, str]],
     return prompt, out
 
 
+def encode_fitting(tokenizer: Any, history: Sequence[Mapping[str, str]],
+                   responses: Sequence[str], limit: int, drop_turns: bool):
+    """`encode_chat`, dropping the oldest turns (`drop_oldest_turn`) while the prompt plus the
+    longest response exceeds `limit` tokens and `drop_turns` allows it. Returns (prompt ids,
+    [response ids], whether turns were dropped); the result may still exceed `limit` when
+    the last user turn alone does not fit."""
+    dropped = False
+    while True:
+        prompt, out = encode_chat(tokenizer, history, responses)
+        if len(prompt) + max((len(r) for r in out), default=0) <= limit or not drop_turns:
+            return prompt, out, dropped
+        shorter = drop_oldest_turn(history)
+        if shorter is None:
+            return prompt, out, dropped
+        history, dropped = shorter, True
+
+
 def drop_oldest_turn(history: Sequence[Mapping[str, str]]) -> list[dict[str, str]] | None:
     """`history` without its oldest exchange (system messages stay), so that it still starts
     with a user turn; None when only the last user turn (and system messages) remain."""
