@@ -59,7 +59,7 @@ def test_reward_export_scores_equal_in_transformers(tmp_path, tok, hh_rows):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from jaxrlhf.models import load_hf
-    from jaxrlhf.trainers import reward
+    from jaxrlhf.models.reward import sequence_rewards
     from jaxrlhf.trainers.common import export_stage_model
     with pytest.warns(UserWarning, match="score head is freshly initialised"):
         model = load_hf(SMOLLM2, head="score")
@@ -79,7 +79,7 @@ def test_reward_export_scores_equal_in_transformers(tmp_path, tok, hh_rows):
         enc = saved(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         with torch.no_grad():
             theirs = hf(**enc).logits[:, 0].numpy() + offset
-        ours = np.asarray(jax.jit(reward.sequence_rewards, static_argnums=1)(
+        ours = np.asarray(jax.jit(sequence_rewards, static_argnums=1)(
             params, graphdef, enc["input_ids"].numpy().astype(np.int32),
             enc["attention_mask"].numpy().astype(np.int32)))
         np.testing.assert_allclose(theirs, ours, atol=2e-3, rtol=1e-3)

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxrlhf.data import build_dataset, load_tokenizer
 from jaxrlhf.models import init_model, load_hf, preset
 from jaxrlhf.models.hf_io import score_pad_id
-from jaxrlhf.trainers import reward
+from jaxrlhf.models.reward import sequence_rewards
 from jaxrlhf.trainers.common import META_FILE, export_stage_model
 
 HH_ROWS = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
@@ -63,7 +63,7 @@ def _padded(seqs, pad, side):
 
 def _jax_rewards(model, ids, mask):
     graphdef, state = nnx.split(model)
-    return np.asarray(reward.sequence_rewards(nnx.to_pure_dict(state), graphdef, ids, mask))
+    return np.asarray(sequence_rewards(nnx.to_pure_dict(state), graphdef, ids, mask))
 
 
 def test_export_pad_makes_hf_read_the_jaxrlhf_position(exported):

@@ -4,7 +4,8 @@
   before importing jax/torch so both libraries size their thread pools to n.
 - `memory_bandwidth_gbps()`, `matmul_gflops()`: the machine's memory bandwidth (copy and
   read) and fp32 matmul rate, measured in the calling process (the same run as the timings).
-- `to_hf_llama(model)`: the same weights as a `transformers.LlamaForCausalLM` (PyTorch, fp32).
+- `to_hf_llama(model)`: the same weights as a `transformers.LlamaForCausalLM` (PyTorch, fp32),
+  through `jaxrlhf.models.save_hf` + `from_pretrained`.
 - `param_bytes(state)`, `timed(fn)`: bytes of a pytree; best-of-k wall time.
 """
 from __future__ import annotations
@@ -92,81 +93,26 @@ def param_bytes(tree) -> int:
                    if hasattr(x, "dtype")))
 
 
-def hf_llama_config(cfg):
-    """A `transformers.LlamaConfig` for a jaxrlhf Llama-family `ModelConfig`."""
-    from transformers import LlamaConfig
-
-    if cfg.norm != "rms" or cfg.mlp != "swiglu" or cfg.positions != "rope":
-        raise ValueError("to_hf_llama needs a Llama-style config (rms norm, swiglu, rope).")
-    if cfg.qkv_bias != cfg.out_bias:
-        raise ValueError("HF Llama has one attention_bias for q/k/v/o; got "
-                         f"qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}.")
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    if cfg.rope_scaling:
-        rope = dict(cfg.rope_scaling, rope_theta=float(cfg.rope_theta))
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.dim_per_head,
-        max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
-        rope_parameters=rope, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias,
-        tie_word_embeddings=cfg.tie_embeddings, pad_token_id=cfg.pad_token_id,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-
-
 def to_hf_llama(model, attn_implementation: Optional[str] = None):
     """A `transformers.LlamaForCausalLM` (fp32, eval mode) with `model`'s weights.
 
-    Layouts (jaxrlhf stacked [L, ...] -> HF per layer l; HF Linear weights are [out, in]):
-      embed [V, D] -> embed_tokens.weight;  lm_head [D, V] -> lm_head.weight = lm_head.T
-      wq/wk/wv [L, D, H, Dh] -> {q,k,v}_proj.weight = w[l].reshape(D, H*Dh).T
-      wo [L, H, Dh, D] -> o_proj.weight = wo[l].reshape(H*Dh, D).T
-      w_gate / w_up [L, D, F], w_down [L, F, D] -> {gate,up,down}_proj.weight = w[l].T
-      attn_norm / mlp_norm / final_norm scale -> input_layernorm / post_attention_layernorm
-      / model.norm weight. Both use the rotate_half RoPE layout, so no permutation.
+    Goes through the library's exporter: `jaxrlhf.models.save_hf` writes `model` (LM head) to
+    a temporary directory in HF's LlamaForCausalLM layout, and
+    `AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32)` loads it back, so the
+    weight layout lives in one place (`jaxrlhf/models/hf_io.py`). `save_hf` raises for a
+    config that HF Llama cannot express (e.g. qkv_bias != out_bias); a non-llama family
+    loads as its own HF class. `attn_implementation` ("eager", "sdpa", ...) is passed to
+    `from_pretrained`; None keeps transformers' default.
     """
+    import tempfile
+
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = model.cfg
-    hf_cfg = hf_llama_config(cfg)
-    if attn_implementation:
-        hf_cfg._attn_implementation = attn_implementation
-    hf = LlamaForCausalLM(hf_cfg).to(torch.float32).eval()
+    from jaxrlhf.models import save_hf
 
-    def t(x):
-        return torch.from_numpy(np.array(x, dtype=np.float32))
-
-    layers = model.layers
-    attn, mlp = layers.attn, layers.mlp
-    d = cfg.d_model
-    sd = {"model.embed_tokens.weight": t(model.embed[...]),
-          "model.norm.weight": t(model.final_norm.scale[...])}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = t(model.lm_head[...]).T
-    for l in range(cfg.n_layers):
-        p = f"model.layers.{l}."
-        for name in ("q", "k", "v"):
-            w = np.asarray(getattr(attn, "w" + name)[...][l], np.float32)
-            sd[p + f"self_attn.{name}_proj.weight"] = t(w.reshape(d, -1)).T
-            if cfg.qkv_bias:
-                sd[p + f"self_attn.{name}_proj.bias"] = t(
-                    np.asarray(getattr(attn, "b" + name)[...][l]).reshape(-1))
-        wo = np.asarray(attn.wo[...][l], np.float32)
-        sd[p + "self_attn.o_proj.weight"] = t(wo.reshape(-1, d)).T
-        if cfg.out_bias:
-            sd[p + "self_attn.o_proj.bias"] = t(attn.bo[...][l])
-        for name in ("gate", "up", "down"):
-            sd[p + f"mlp.{name}_proj.weight"] = t(getattr(mlp, "w_" + name)[...][l]).T
-            if cfg.mlp_bias:
-                sd[p + f"mlp.{name}_proj.bias"] = t(getattr(mlp, "b_" + name)[...][l])
-        sd[p + "input_layernorm.weight"] = t(layers.attn_norm.scale[...][l])
-        sd[p + "post_attention_layernorm.weight"] = t(layers.mlp_norm.scale[...][l])
-    missing, unexpected = hf.load_state_dict(
-        {k: v.contiguous() for k, v in sd.items()}, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}.")
-    if cfg.tie_embeddings:
-        hf.tie_weights()
-    return hf
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(model, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                  attn_implementation=attn_implementation)
+    return hf.eval()

@@ -2,7 +2,8 @@
 
 - `matmul_probe(n)`, `matmul_rate_gflops(n)`: the machine's fp32 matmul rate through XLA.
 - `model_flops(cfg, ...)`: the model FLOPs of a forward or a training step (formula below).
-- `to_hf_llama_rm(model)`: the same weights as a `transformers.LlamaForSequenceClassification`.
+- `to_hf_llama_rm(model)`: the same weights as a `transformers.LlamaForSequenceClassification`,
+  through `jaxrlhf.models.save_hf` + `from_pretrained`.
 - `median_times(fns, steps)`: interleaved timing of several step functions.
 
 Model FLOPs (the PaLM appendix-B convention, "model" not "hardware" FLOPs: remat and the
@@ -28,8 +29,6 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Callable, Dict, Sequence
-
-import numpy as np
 
 
 def matmul_probe(n: int = 2048):
@@ -92,38 +91,30 @@ def model_flops(cfg, batch: int, seq: int, *, head: str = "lm", train: bool = Tr
 
 def to_hf_llama_rm(model, attn_implementation=None):
     """A `transformers.LlamaForSequenceClassification` (num_labels=1, fp32, eval mode) with
-    the weights of a jaxrlhf score-head model: the trunk converted by
-    `_bench_common.to_hf_llama` (through an LM-head model holding the same trunk weights),
-    and score.weight = score_w[None]. HF's score layer has no bias; jaxrlhf's score_b is one
-    constant added to every reward, which cancels in r_chosen − r_rejected."""
+    the weights of a jaxrlhf score-head model.
+
+    Goes through the library's exporter: `jaxrlhf.models.save_hf` writes `model` (score head)
+    to a temporary directory in HF's LlamaForSequenceClassification layout (score.weight =
+    score_w[None]), and `AutoModelForSequenceClassification.from_pretrained(dir,
+    dtype=torch.float32)` loads it back. `attn_implementation` is passed to `from_pretrained`
+    (None: transformers' default).
+
+    HF's score layer has no bias, so jaxrlhf's score_b is dropped: HF's logits are jaxrlhf's
+    rewards minus score_b (`save_hf` records it in config.json as "jaxrlhf_score_bias",
+    which transformers ignores, and warns when it is nonzero). It is one constant added to
+    every reward, which cancels in r_chosen − r_rejected, and it is 0 at init."""
+    import tempfile
+
     import torch
-    from flax import nnx
-    from transformers import LlamaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    import _bench_common as bc
-    from jaxrlhf.models.transformer import init_model
+    from jaxrlhf.models import save_hf
 
-    cfg = model.cfg
-    lm = init_model(cfg, head="lm")
-    lm_params = nnx.to_pure_dict(nnx.state(lm))
-    rm_params = nnx.to_pure_dict(nnx.state(model))
-    lm_params.update({k: v for k, v in rm_params.items() if k in lm_params})
-    state = nnx.state(lm)
-    nnx.replace_by_pure_dict(state, lm_params)
-    nnx.update(lm, state)
-    causal = bc.to_hf_llama(lm, attn_implementation)
-
-    hf_cfg = bc.hf_llama_config(cfg)
-    hf_cfg.num_labels = 1
-    if attn_implementation:
-        hf_cfg._attn_implementation = attn_implementation
-    rm = LlamaForSequenceClassification(hf_cfg).to(torch.float32).eval()
-    trunk = {k[len("model."):]: v for k, v in causal.state_dict().items()
-             if k.startswith("model.")}
-    rm.model.load_state_dict(trunk, strict=True)
-    with torch.no_grad():
-        rm.score.weight.copy_(torch.from_numpy(np.array(model.score_w[...], np.float32))[None])
-    return rm
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(model, d)
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            d, dtype=torch.float32, attn_implementation=attn_implementation)
+    return hf.eval()
 
 
 def median_times(fns: Dict[str, Callable[[], object]], steps: int,

@@ -32,16 +32,15 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from jaxrlhf.models import init_model, preset  # noqa: E402
-from jaxrlhf.trainers import common, reward, rm_ensemble  # noqa: E402
+from jaxrlhf.models import init_model, preset
+from jaxrlhf.models.reward import stack_trees
+from jaxrlhf.trainers import common, rm_ensemble, rm_steps
 
 
 def _train_cfg():
@@ -86,7 +85,7 @@ def _tree_bytes(tree):
 def bench(m, args, cfg, optimizer, schedule):
     graphdef = nnx.graphdef(init_model(cfg, head="score", seed=0))
     params = [common.params_of(init_model(cfg, head="score", seed=s)) for s in range(m)]
-    member_step = functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
+    member_step = functools.partial(rm_steps.train_step, graphdef=graphdef, optimizer=optimizer,
                                     schedule=schedule, grad_accum=1, on_nonfinite="stop",
                                     loss_kw=dict(tie_mode="skip", margin=0.0,
                                                  label_smoothing=0.0))
@@ -126,7 +125,7 @@ def bench(m, args, cfg, optimizer, schedule):
     del states
 
     # Vmapped: one stacked state, one compiled ensemble step.
-    stacked = rm_ensemble.stack_trees(params)
+    stacked = stack_trees(params)
     state = {"step": jnp.zeros((), jnp.int32), "params": stacked,
              "opt_state": jax.vmap(optimizer.init)(stacked),
              "rng": jnp.stack([jax.random.PRNGKey(s) for s in range(m)])}

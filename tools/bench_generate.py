@@ -39,7 +39,6 @@ import time
 # JAXRLHF_HOST_MALLOC=default to measure without it.
 os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as bc  # noqa: E402
 
 

@@ -13,7 +13,7 @@ train steps on a batch of `--batch` random rows of `--seq` real tokens (no paddi
 
   jax_sft    `trainers.sft.train_step` jitted by `common.compile_step` (state donated), as the
              SFT stage runs it             vs  torch_sft  `AutoModelForCausalLM(labels=...)`
-  jax_rm     `trainers.reward.train_step` on batch/2 pairs (K = 2)
+  jax_rm     `trainers.rm_steps.train_step` on batch/2 pairs (K = 2)
                                            vs  torch_rm   `AutoModelForSequenceClassification`
                                                           with −log σ(r_c − r_r)
   With --stages also the whole CLI stage (`python -m jaxrlhf.train` on HH-RLHF with the
@@ -36,8 +36,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args():
@@ -94,7 +93,6 @@ def _jax_model(args, head):
 def _torch_model(args, head):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    sys.path.insert(0, HERE)
     if args.hf:
         if head == "lm":
             return AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32)
@@ -108,7 +106,6 @@ def _torch_model(args, head):
 
 def worker(args) -> dict:
     import numpy as np
-    sys.path.insert(0, HERE)
     import bench_model as bm
 
     mode = args.worker
@@ -119,7 +116,7 @@ def worker(args) -> dict:
     out = {"mode": mode}
     if mode.startswith("jax"):
         import jax
-        from jaxrlhf.trainers import reward, sft
+        from jaxrlhf.trainers import rm_steps, sft
         model = _jax_model(args, head)
         cfg = model.cfg
         avoid = [i for i in (cfg.pad_token_id, cfg.eos_token_id) if i is not None]
@@ -136,7 +133,7 @@ def worker(args) -> dict:
                      "ranks": np.tile(np.array([[0, 1]], np.int32), (pairs, 1)),
                      "valid": np.ones((pairs, 2), np.int32)}
             step, compile_s = bm.jax_train_step(
-                model, reward.train_step, tc, batch,
+                model, rm_steps.train_step, tc, batch,
                 loss_kw=dict(tie_mode="skip", margin=0.0, label_smoothing=0.0))
         del model
         out["compile_s"] = round(compile_s, 2)

@@ -27,7 +27,7 @@ with `jax.block_until_ready`):
          `torch.optim.AdamW(foreach=True)` (same hyper-parameters and decay mask).
          Batch 16 sequences x 128 tokens, all real (no padding).
   fwd    logits of the same batch: jitted `model(tokens, mask)` against HF under no_grad.
-  rm     jaxrlhf `trainers.reward.train_step` (K=2 rankings, so 8 pairs -> 16 sequences of
+  rm     jaxrlhf `trainers.rm_steps.train_step` (K=2 rankings, so 8 pairs -> 16 sequences of
          128; InstructGPT loss) against `LlamaForSequenceClassification(num_labels=1)` with
          −log σ(r_chosen − r_rejected) on the same pairs + clip + AdamW.
 
@@ -67,7 +67,6 @@ import time
 # JAXRLHF_HOST_MALLOC=default to measure without it.
 os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as bc  # noqa: E402
 import _bench_model_common as bmc  # noqa: E402
 
@@ -276,7 +275,8 @@ def bench_rm(name, args, probe):
     from flax import nnx
 
     from jaxrlhf.models.transformer import init_model
-    from jaxrlhf.trainers import reward
+    from jaxrlhf.models.reward import sequence_rewards
+    from jaxrlhf.trainers import rm_steps
 
     cfg = model_config(name, args)
     model = init_model(cfg, head="score", seed=args.seed)
@@ -295,13 +295,13 @@ def bench_rm(name, args, probe):
     mask_t = torch.tensor(ones.reshape(-1, SEQ))
     # Same weights, same rewards (before the train step donates the parameters).
     graphdef = nnx.graphdef(model)
-    rewards_j = jax.jit(functools.partial(reward.sequence_rewards, graphdef=graphdef))(
+    rewards_j = jax.jit(functools.partial(sequence_rewards, graphdef=graphdef))(
         nnx.to_pure_dict(nnx.state(model)), tokens=tokens, mask=ones)
     with torch.no_grad():
         rewards_t = hf(input_ids=ids_t, attention_mask=mask_t).logits[:, 0].view(RM_PAIRS, 2)
     reward_diff = float(np.abs(np.asarray(rewards_j) - rewards_t.numpy()).max())
     jax_step, compile_s = jax_train_step(
-        model, reward.train_step, tc, batch,
+        model, rm_steps.train_step, tc, batch,
         loss_kw=dict(tie_mode="skip", margin=0.0, label_smoothing=0.0))
     hf.train()
     opt = torch_adamw(hf, tc)

@@ -24,7 +24,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jaxrlhf.models import load_hf, save_hf  # noqa: E402
 
 TOL = 1e-4

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_QUESTIONS = ["What are three tips for a good night's sleep?",
                   "How do I boil an egg?",
                   "My friend is sad. What could I say to cheer them up?",
@@ -52,11 +50,11 @@ def rm_rewards(rm_dir, tok, data_path, batch, max_pairs=0):
 
     from jaxrlhf.data import build_dataset
     from jaxrlhf.models import load_hf
-    from jaxrlhf.trainers import reward
+    from jaxrlhf.models.reward import sequence_rewards
     model = load_hf(rm_dir, head="score")
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    fn = jax.jit(reward.sequence_rewards, static_argnums=1)
+    fn = jax.jit(sequence_rewards, static_argnums=1)
     ds = build_dataset(dict(path=data_path, format="hh", on_bad_row="skip",
                             buckets=(128, 256, 384, 512)), tok)
     out, seqs = [], []
@@ -129,7 +127,7 @@ def score_ids(rm_dir, seqs):
     from flax import nnx
 
     from jaxrlhf.models import load_hf
-    from jaxrlhf.trainers import reward
+    from jaxrlhf.models.reward import sequence_rewards
     model = load_hf(rm_dir, head="score")
     graphdef, state = nnx.split(model)
     t = max(len(s) for s in seqs)
@@ -137,13 +135,12 @@ def score_ids(rm_dir, seqs):
     mask = np.zeros_like(toks)
     for i, s in enumerate(seqs):
         toks[i, :len(s)], mask[i, :len(s)] = s, 1
-    return np.asarray(jax.jit(reward.sequence_rewards, static_argnums=1)(
+    return np.asarray(jax.jit(sequence_rewards, static_argnums=1)(
         nnx.to_pure_dict(state), graphdef, toks, mask))
 
 
 def main():
     args = parse_args()
-    sys.path.insert(0, ROOT)
     from jaxrlhf.config import default_data_root
     from jaxrlhf.data import build_dataset, load_tokenizer
     from jaxrlhf.data.chat import hh_messages

@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main(argv=None):
@@ -40,12 +36,14 @@ def main(argv=None):
     import jax
     from jaxrlhf import sharding as shd
     from jaxrlhf.data import build_dataset, load_tokenizer
+    from jaxrlhf.data.preference_strength import write_strength
+    from jaxrlhf.models.reward import load_ensemble, member_dirs
     from jaxrlhf.trainers import common, rm_ensemble
 
-    dirs = rm_ensemble.member_dirs(args.ensemble)
+    dirs = member_dirs(args.ensemble)
     tokenizer = load_tokenizer(common.read_meta(dirs[0]).get("tokenizer", "byte"))
     mesh = shd.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    graphdef, stacked, model0 = rm_ensemble.load_ensemble(args.ensemble, mesh)
+    graphdef, stacked, model0 = load_ensemble(args.ensemble, mesh)
     common.check_tokenizer(tokenizer, model0.cfg, {"ensemble member 0": dirs[0]})
     out = args.out or args.ensemble
     ds = build_dataset(dict(path=args.data, format=args.format, split=args.split,
@@ -53,7 +51,7 @@ def main(argv=None):
                             max_k=args.max_k), tokenizer, workdir=out)
     rows = rm_ensemble.score_strength(stacked, graphdef, ds, mesh, args.batch)
     if jax.process_index() == 0:
-        path = rm_ensemble.write_strength(out, rows)
+        path = write_strength(out, rows)
         mu = np.asarray([r["mu"] for r in rows])
         sigma = np.asarray([r["sigma"] for r in rows])
         print(json.dumps({"strength_file": path, "members": len(dirs), "pairs": len(rows),

@@ -27,21 +27,21 @@ import dataclasses
 import importlib.util
 import json
 import os
-import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxrlhf.data import PreparedDataset, SyntheticTask, tokenize_examples
+from jaxrlhf.data.formats import make_report
+from jaxrlhf.data.preference_strength import read_strength
+from jaxrlhf.models.reward import load_ensemble, member, sequence_rewards
+from jaxrlhf.trainers import common, reward, runner
+
+# The repository root, for its configs/ directory.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from jaxrlhf.data import PreparedDataset, SyntheticTask, tokenize_examples  # noqa: E402
-from jaxrlhf.data.formats import make_report  # noqa: E402
-from jaxrlhf.trainers import common, reward, rm_ensemble, rm_toolkit, runner  # noqa: E402
 
 METHODS = {
     "baseline": {},
@@ -128,7 +128,7 @@ def pair_rewards(model, tokenizer, opts, pairs):
     rows = tokenize_examples(examples, tokenizer, d, report=report)
     ds = PreparedDataset(examples, rows, report, o, tokenizer)
     graphdef, params = nnx.graphdef(model), common.params_of(model)
-    fn = jax.jit(lambda p, t, m: reward.sequence_rewards(p, graphdef, t, m))
+    fn = jax.jit(lambda p, t, m: sequence_rewards(p, graphdef, t, m))
     out = np.full((len(pairs), 2), np.nan)
     for b in ds.iterator(64, shuffle=False, drop_remainder=False, num_epochs=1):
         r = np.asarray(fn(params, jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"])))
@@ -262,8 +262,8 @@ def main():
                               if k.startswith(("strength_", "eval_acc", "eval_ens"))}}
     if "ensemble_mean" not in results:
         # Reference: the ensemble's own mean reward (what the strength methods distil from).
-        graphdef, stacked, _ = rm_ensemble.load_ensemble(ens_dir)
-        members = [nnx.merge(graphdef, rm_ensemble.member(stacked, m))
+        graphdef, stacked, _ = load_ensemble(ens_dir)
+        members = [nnx.merge(graphdef, member(stacked, m))
                    for m in range(args.members)]
         sets = [("clean_acc", clean, clean_first)]
         if policy is not None:
@@ -272,7 +272,7 @@ def main():
             name: accuracy(np.mean([pair_rewards(mm, tokenizer, train_ds.options, pairs)
                                     for mm in members], axis=0), first)
             for name, pairs, first in sets}
-    strength = rm_toolkit.read_strength(os.path.join(ens_dir, "strength.jsonl"))
+    strength = read_strength(os.path.join(ens_dir, "strength.jsonl"))
     if label_wrong is not None:
         mu = np.full(len(train_ds.examples), np.nan)
         for r in strength:
@@ -301,7 +301,7 @@ def main():
         mc.rm.meta_actor, mc.rm.meta_num_prompts = sft_dir, args.meta_prompts
         mc.rm.meta_max_new_tokens = 16 if task == "synthetic" else 64
         mesh = common.mesh_from_config(mc)
-        ex = rm_toolkit.sample_meta_examples(mc, train_ds, tokenizer, mesh)
+        ex = reward.sample_meta_examples(mc, train_ds, tokenizer, mesh)
         with open(meta_file, "w") as f:
             for e in ex:
                 f.write(json.dumps(e) + "\n")

@@ -12,9 +12,11 @@ Batch keys per format are documented in `jaxrlhf.data.batching`; config fields i
 `jaxrlhf.data.synthetic` and SYNTHETIC.md.
 """
 from jaxrlhf.data.batching import (LM_FORMATS, PROMPT_FORMATS, RANKING_FORMATS, BatchIterator,
+                                   JointIterator,
                                    PreparedDataset, bucket_length, build_dataset, collate_for,
                                    collate_lm, collate_prompts, collate_ranking, fit_lengths,
-                                   prompt_text, response_text, tokenize_examples)
+                                   prompt_text, ranked_pairs, response_text,
+                                   tokenize_examples)
 from jaxrlhf.data.config import (FORMATS, DataOptions, default_data_config,
                                  default_synthetic_config, resolve_options)
 from jaxrlhf.data.formats import (REJECTS_FILENAME, BadRowError, LoadReport, load_examples,
@@ -24,11 +26,11 @@ from jaxrlhf.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer,
                                     fallback_chat_template, load_tokenizer)
 
 __all__ = [
-    "BadRowError", "BatchIterator", "ByteTokenizer", "DataOptions", "FORMATS", "HFTokenizer",
-    "LM_FORMATS", "LoadReport", "PROMPT_FORMATS", "PreparedDataset", "RANKING_FORMATS",
-    "REJECTS_FILENAME", "SyntheticTask", "Tokenizer", "bucket_length", "build_dataset",
-    "collate_for", "collate_lm", "collate_prompts", "collate_ranking", "default_data_config",
-    "default_synthetic_config", "fallback_chat_template", "fit_lengths", "load_examples",
-    "load_tokenizer", "normalize_row", "prompt_text", "read_rows", "resolve_options",
-    "response_text", "split_hh", "tokenize_examples",
+    "BadRowError", "BatchIterator", "bucket_length", "build_dataset", "ByteTokenizer",
+    "collate_for", "collate_lm", "collate_prompts", "collate_ranking", "DataOptions",
+    "default_data_config", "default_synthetic_config", "fallback_chat_template", "fit_lengths",
+    "FORMATS", "HFTokenizer", "JointIterator", "LM_FORMATS", "load_examples", "load_tokenizer", "LoadReport",
+    "normalize_row", "PreparedDataset", "PROMPT_FORMATS", "prompt_text", "ranked_pairs",
+    "RANKING_FORMATS", "read_rows", "REJECTS_FILENAME", "resolve_options", "response_text",
+    "split_hh", "SyntheticTask", "tokenize_examples", "Tokenizer",
 ]

@@ -23,7 +23,7 @@ so every process of a multi-host run pads to the same T. All masks are int32 (1 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -325,6 +325,15 @@ def collate_ranking(rows: Sequence[Row], length: int, *, pad_id: int,
             "prompt_len": prompt_len, "index": index}
 
 
+def ranked_pairs(ranks_BxK, valid_BxK):
+    """[B, K, K] mask of the ranked pairs of a ranking batch: both responses valid and
+    response i ranked above response j (rank_i < rank_j; rank 0 is the best). Array
+    operators only, so it takes NumPy and JAX arrays alike."""
+    valid = valid_BxK if valid_BxK.dtype == bool else valid_BxK > 0
+    return (valid[:, :, None] & valid[:, None, :]
+            & (ranks_BxK[:, :, None] < ranks_BxK[:, None, :]))
+
+
 def collate_prompts(rows: Sequence[Row], length: int, *, pad_id: int) -> dict[str, np.ndarray]:
     """Prompt rows -> prompt_tokens / prompt_mask [B, length] LEFT-padded, index [B]."""
     tokens = np.full((len(rows), length), pad_id, np.int32)
@@ -490,6 +499,13 @@ class PreparedDataset:
                  num_epochs: int | None = None) -> BatchIterator:
         opts = self.options
         buckets = opts.prompt_buckets if opts.format in PROMPT_FORMATS else opts.buckets
+        if not self.rows:
+            raise ValueError(
+                f"{self.report.source}: no rows to batch (the source is empty, or every row "
+                f"was rejected: {self.report.summary()})")
+        if drop_remainder and len(self.rows) < batch_size:
+            raise ValueError(f"{self.report.source}: {len(self.rows)} rows, fewer than one "
+                             f"batch of {batch_size}")
         return BatchIterator(
             self.rows, batch_size, collate=collate_for(opts.format, self.tokenizer.pad_id,
                                                        self.num_responses),
@@ -517,3 +533,42 @@ def _cfg(opts: DataOptions) -> dict[str, Any]:
     d = dataclasses.asdict(opts)
     d.pop("prompt_buckets")
     return d
+
+
+class JointIterator:
+    """A main batch iterator plus one batch per step of each named extra iterator, merged
+    into one flat batch under the keys "<name>_<key>" (only `keys` of it when given), then
+    passed through `transform` (e.g. per-pair labels computed from the batch).
+    `state()` = the main iterator's state with each extra's under its name; `restore()`
+    takes that back, so a resumed run sees the same batches."""
+
+    def __init__(self, main, extras: Optional[Mapping[str, tuple]] = None,
+                 transform: Optional[Callable[[dict], dict]] = None):
+        self.main = main
+        self.extras = dict(extras or {})    # name -> (iterator, keys or None)
+        self.transform = transform
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = dict(next(self.main))
+        for name, (it, keys) in self.extras.items():
+            extra = next(it)
+            for k in (keys if keys is not None else list(extra)):
+                b[f"{name}_{k}"] = extra[k]
+        return self.transform(b) if self.transform is not None else b
+
+    def state(self) -> dict:
+        s = dict(self.main.state())
+        for name, (it, _) in self.extras.items():
+            s[name] = it.state()
+        return s
+
+    def restore(self, state) -> None:
+        state = dict(state)
+        for name, (it, _) in self.extras.items():
+            extra = state.pop(name, None)
+            if extra is not None:
+                it.restore(extra)
+        self.main.restore(state)

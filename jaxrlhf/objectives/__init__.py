@@ -1,7 +1,11 @@
 """Pure RLHF math: every function is jit/vmap/sharding friendly and side-effect free.
 
   stats.py          token_logprobs, entropy, masked_mean / masked_var / masked_whiten
-  ranking.py        pairwise / K-wise ranking losses (+ MOSS options), contrastive_loss
+  ranking.py        pairwise / K-wise ranking losses (+ MOSS options),
+                    contrastive_loss, pair_contrastive_loss
+  preference_strength.py  ensemble strength statistics (μ, σ) and per-pair labels (MOSS)
+  metarm.py         MetaRM difference loss and the adapted parameters θ' (MOSS)
+  uncertainty.py    uncertainty-aware ensemble reward mean − λ·std (MOSS)
   kl.py             kl_estimate (k1/k2/k3), kl_penalized_rewards
   advantages.py     gae (reverse lax.scan), monte_carlo_advantages
   aggregation.py    token_mean / seq_mean / seq_sum loss aggregation (micro-batch invariant)
@@ -25,22 +29,26 @@ from jaxrlhf.objectives.normalization import (RunningMoments, normalize_with_mom
                                               running_moments_merge, running_moments_std,
                                               running_moments_update)
 from jaxrlhf.objectives.ppo import ppo_policy_loss, ppo_ptx_objective, ptx_loss, value_loss
+from jaxrlhf.objectives.metarm import adapted_params, difference_loss
+from jaxrlhf.objectives.preference_strength import pair_labels, strength_stats
 from jaxrlhf.objectives.ranking import (contrastive_loss, kwise_ranking_loss,
-                                        pairwise_ranking_loss)
+                                        pair_contrastive_loss, pairwise_ranking_loss)
+from jaxrlhf.objectives.uncertainty import uncertainty_reward
 from jaxrlhf.objectives.registry import get, names, register
 from jaxrlhf.objectives.stats import (entropy, masked_count, masked_mean, masked_sum, masked_var,
                                       masked_whiten, token_logprobs)
 
 __all__ = [
-    "AdaptiveKLController", "DEFAULT_LOSS_AGG", "FixedKLController", "KLControllerState",
-    "LOG_RATIO_CLAMP", "RunningMoments", "aggregate", "aggregation_denominators",
-    "clamped_log_ratio", "contrastive_loss", "entropy", "gae", "get",
-    "init_adaptive_kl_controller", "init_fixed_kl_controller", "kl_controller_init",
-    "kl_controller_update", "kl_estimate", "kl_k1", "kl_k2", "kl_k3", "kl_penalized_rewards",
-    "kwise_ranking_loss", "last_token_index", "masked_count", "masked_mean", "masked_sum",
-    "masked_var", "masked_whiten", "monte_carlo_advantages", "names", "normalize_with_moments",
-    "pairwise_ranking_loss", "ppo_policy_loss", "ppo_ptx_objective", "ptx_loss", "register",
-    "registry", "reward_bias", "running_moments_init", "running_moments_merge",
-    "running_moments_std", "running_moments_update", "seq_mean", "seq_sum", "token_logprobs",
-    "token_mean", "value_loss",
+    "adapted_params", "AdaptiveKLController", "aggregate", "aggregation_denominators",
+    "clamped_log_ratio", "contrastive_loss", "DEFAULT_LOSS_AGG", "difference_loss", "entropy",
+    "FixedKLController", "gae", "get", "init_adaptive_kl_controller",
+    "init_fixed_kl_controller", "kl_controller_init", "kl_controller_update", "kl_estimate",
+    "kl_k1", "kl_k2", "kl_k3", "kl_penalized_rewards", "KLControllerState",
+    "kwise_ranking_loss", "last_token_index", "LOG_RATIO_CLAMP", "masked_count", "masked_mean",
+    "masked_sum", "masked_var", "masked_whiten", "monte_carlo_advantages", "names",
+    "normalize_with_moments", "pair_contrastive_loss", "pair_labels", "pairwise_ranking_loss",
+    "ppo_policy_loss", "ppo_ptx_objective", "ptx_loss", "register", "registry", "reward_bias",
+    "running_moments_init", "running_moments_merge", "running_moments_std",
+    "running_moments_update", "RunningMoments", "seq_mean", "seq_sum", "strength_stats",
+    "token_logprobs", "token_mean", "uncertainty_reward", "value_loss",
 ]

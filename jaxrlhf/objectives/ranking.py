@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.data.batching import ranked_pairs
 from jaxrlhf.objectives.stats import as_bool_mask, compute_dtype, safe_divide, upcast
 
 Scalar = float | jax.Array
@@ -128,7 +129,7 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
     K = r.shape[-1]
 
     both_valid = valid[:, :, None] & valid[:, None, :]                        # BxKxK
-    ranked = both_valid & (ranks[:, :, None] < ranks[:, None, :])             # i above j
+    ranked = ranked_pairs(ranks, valid)                                      # i above j
     upper = jnp.triu(jnp.ones((K, K), jnp.bool_), k=1)[None]                 # i < j
     tied = both_valid & (ranks[:, :, None] == ranks[:, None, :]) & upper
     if tie_mode == "skip":
@@ -228,3 +229,25 @@ def contrastive_loss(z_chosen_BxD: jax.Array, z_rejected_BxD: jax.Array, *,
         "contrastive_accuracy": safe_divide(jnp.sum((hit & valid).astype(dtype)), n),
     }
     return loss, jax.lax.stop_gradient(metrics)
+
+
+def pair_contrastive_loss(h_BxKxD: jax.Array, ranked_BxKxK: jax.Array, keys_B: jax.Array, *,
+                          temperature: Scalar, dropout: float) -> tuple[jax.Array, dict]:
+    """`contrastive_loss` over the ranked pairs (i above j) of K responses per prompt, each
+    pair represented by h_i − h_j (e.g. reward-model hidden states at the last real token).
+    The two views are feature dropout (rate `dropout`, inverted scaling, one key per row
+    drawing both views' masks) of h; dropout = 0 makes the views coincide."""
+    b, k, d = h_BxKxD.shape
+    if dropout > 0.0:
+        keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - dropout, (2, k, d)))(
+            keys_B)                                                      # [B, 2, K, D]
+        hv = jnp.where(keep, h_BxKxD[:, None] / (1.0 - dropout), 0.0)
+        v1, v2 = hv[:, 0], hv[:, 1]
+    else:
+        v1 = v2 = h_BxKxD
+    full = (b, k, k, d)
+    chosen = lambda v: jnp.broadcast_to(v[:, :, None, :], full).reshape(-1, d)
+    rejected = lambda v: jnp.broadcast_to(v[:, None, :, :], full).reshape(-1, d)
+    return contrastive_loss(chosen(v1), rejected(v1), temperature=temperature,
+                            z_chosen_view2_BxD=chosen(v2), z_rejected_view2_BxD=rejected(v2),
+                            mask_B=ranked_BxKxK.reshape(-1))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxrlhf import sharding as shd
 from jaxrlhf.checkpoint import Checkpointer, abstract_like
 from jaxrlhf.config import model_config_from
-from jaxrlhf.metrics import MetricsLogger, format_metrics
+from jaxrlhf.data.formats import REJECTS_FILENAME
+from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models.config import ModelConfig
 
 META_FILE = "jaxrlhf.json"   # written next to an HF export: tokenizer and stage provenance
@@ -84,8 +84,8 @@ def resolve_init_dir(init_from: str) -> str:
 def read_meta(hf_dir: str) -> dict:
     p = os.path.join(hf_dir, META_FILE)
     if hf_dir and os.path.exists(p):
-        with open(p) as f:
-            return json.load(f)
+        from jaxrlhf.models.hf_io import read_json
+        return read_json(p)
     return {}
 
 
@@ -337,7 +337,41 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=None):
 
 
 # ------------------------------------------------------------------------------------------
-# The checkpointed train loop.
+# The one loop every stage runs.
+
+@dataclasses.dataclass
+class Stage:
+    """What a stage's `build(config, stage_dir)` returns and `run_stage` runs.
+
+    state / state_sh  the train state pytree (checkpointed whole) and its shardings; its "step"
+                      entry counts the loop's steps
+    step              (state, batch) -> (state, metrics); metrics are arrays the loop reads
+                      one step late (or, with `read_metrics`, anything that reads)
+    batches           iterator of host batches with state() / restore() (its position is
+                      checkpointed with the state)
+    total_steps       steps of the stage
+    evaluate          state -> {name: float} on held-out data (before the first step, every
+                      train.eval_every steps, at the end), or None
+    finish            LoopResult -> summary dict (exports, summary.json, plots)
+    put               host batch -> device batch (default: `to_global` on `mesh`)
+    read_metrics      (step number, fetched metrics, logger) -> {name: float}, for stages whose
+                      step returns more than a flat dict of scalars
+    """
+
+    name: str
+    state: Any
+    state_sh: Any
+    step: Callable
+    batches: Any
+    total_steps: int
+    mesh: Mesh
+    evaluate: Optional[Callable] = None
+    finish: Optional[Callable] = None
+    put: Optional[Callable] = None
+    read_metrics: Optional[Callable] = None
+    echo_keys: Optional[Sequence[str]] = None
+    start_eval_file: str = "eval_start.json"
+
 
 @dataclasses.dataclass
 class LoopResult:
@@ -349,7 +383,9 @@ class LoopResult:
     start_eval_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-class _SigtermFlag:
+class SigtermFlag:
+    """Context manager: `.set` becomes True when SIGTERM arrives (the loop then saves)."""
+
     def __init__(self):
         self.set = False
         self._old = None
@@ -369,101 +405,151 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train_loop(*, name: str, stage_dir: str, config, state, state_sh, step_fn: Callable,
-               train_iter, mesh: Mesh, eval_fn: Optional[Callable] = None,
-               total_steps: int, ckpt: Checkpointer, extra_meta: Optional[Callable] = None,
-               logger: Optional[MetricsLogger] = None) -> LoopResult:
-    """Runs `step_fn(state, batch)` from state["step"] to total_steps. A fresh run evaluates once
-    before its first step (logged as eval step 0; train.eval_at_start=False skips it).
+def skip_limit(train_cfg, total_steps: int) -> int:
+    """Most non-finite steps a run under on_nonfinite="skip" may drop before it stops:
+    train.max_skipped_fraction of its steps, at least one."""
+    return max(1, int(math.floor(float(train_cfg.max_skipped_fraction) * total_steps)))
 
-    Metrics of step N are read after step N+1 is dispatched (logging never stalls the
-    device). A non-finite loss raises `NonFiniteLoss` naming the step and batch (or, with
-    train.on_nonfinite="skip", the step's update is dropped and counted). SIGTERM saves a
-    checkpoint and raises `Preempted`.
-    """
+
+def _where(pos) -> str:
+    if isinstance(pos, Mapping) and "epoch" in pos and "position" in pos:
+        return f"batch epoch {pos['epoch']} position {pos['position']}"
+    return f"batch {pos}"
+
+
+def run_stage(build: Callable, config, stage_dir: str):
+    """Builds a stage (`build(config, stage_dir) -> Stage`) and runs it: resume from the latest
+    checkpoint (state and data position), evaluate a fresh run once before its first step
+    (logged as eval step 0 and kept in `stage.start_eval_file` for resumes;
+    train.eval_at_start=False skips it), step to `total_steps` with metrics of step N read
+    after step N+1 is dispatched, evaluate every train.eval_every steps and at the end,
+    checkpoint every train.save_every steps and at the end. A non-finite loss raises
+    `NonFiniteLoss` naming the step and batch, or under train.on_nonfinite="skip" the update
+    is dropped and counted, up to `skip_limit`. SIGTERM saves a checkpoint and raises
+    `Preempted`. Returns `stage.finish(result)` (the LoopResult when there is no finish).
+    The stage's rejected_rows.jsonl is rewritten by every run (a resumed or re-run stage
+    lists each rejected row once)."""
+    os.makedirs(stage_dir, exist_ok=True)
+    maybe_initialize_distributed(config)
+    rejects = os.path.join(stage_dir, REJECTS_FILENAME)
+    if jax.process_index() == 0 and os.path.exists(rejects):
+        os.remove(rejects)   # every build re-reads the data and writes its rejects again
+    stage = build(config, stage_dir)
     tc = config.train
-    start = int(jax.device_get(state["step"]))
+    name, total = stage.name, int(stage.total_steps)
     is_main = jax.process_index() == 0
-    logger = logger or MetricsLogger(stage_dir, total_steps=total_steps, start_step=start,
-                                     desc=name, log_every=tc.log_every, is_main=is_main)
+    put = stage.put or (lambda b: to_global(b, stage.mesh))
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
+                        save_every=tc.save_every)
+    state = stage.state
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_like(state, stage.state_sh))
+        if "train_iter" in meta:
+            stage.batches.restore(meta["train_iter"])
+        if is_main:
+            print(f"[{name}] resumed from checkpoint step {ckpt.latest_step()} in "
+                  f"{ckpt.directory}")
+    start = int(jax.device_get(state["step"]))
+    logger = MetricsLogger(stage_dir, total_steps=total, start_step=start, desc=name,
+                           log_every=tc.log_every, is_main=is_main, echo_keys=stage.echo_keys)
+    limit = skip_limit(tc, total)
     t0 = time.time()
     skipped = 0
     last: Dict[str, float] = {}
     eval_metrics: Dict[str, float] = {}
     pending = None
 
-    def meta():
-        m = {"train_iter": train_iter.state()}
-        if extra_meta is not None:
-            m.update(extra_meta())
-        return m
-
     def flush(p):
         nonlocal skipped, last
         step_no, batch_pos, m = p
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if stage.read_metrics is not None:
+            m = stage.read_metrics(step_no, m, logger)
+        else:
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
         finite = m.pop("finite", 1.0) > 0 and math.isfinite(m.get("loss", 0.0))
         if not finite:
             if tc.on_nonfinite == "stop":
                 raise NonFiniteLoss(
-                    f"[{name}] non-finite loss or gradient at step {step_no} (batch epoch "
-                    f"{batch_pos['epoch']} position {batch_pos['position']}): loss="
-                    f"{m.get('loss')} grad_norm={m.get('grad_norm')}. Lower train.lr, check "
-                    "the data, or set train.on_nonfinite=skip to drop such steps.")
+                    f"[{name}] non-finite loss or gradient at step {step_no} "
+                    f"({_where(batch_pos)}): loss={m.get('loss')} grad_norm="
+                    f"{m.get('grad_norm')}. Lower train.lr, check the data, or set "
+                    "train.on_nonfinite=skip to drop such steps.")
             skipped += 1
             logger.print(f"[{name}] step {step_no}: non-finite loss, update skipped "
                          f"({skipped} so far)")
+            if skipped > limit:
+                logger.close()
+                raise NonFiniteLoss(
+                    f"[{name}] {skipped} of {step_no} steps had a non-finite loss or gradient "
+                    f"(more than train.max_skipped_fraction={tc.max_skipped_fraction} of "
+                    f"{total} steps); stopping without an export. Lower train.lr or check "
+                    "the data.")
         m["skipped_steps"] = float(skipped)
         logger.write(step_no, m)
         last = m
 
     start_eval: Dict[str, float] = {}
-    if eval_fn is not None and start == 0 and tc.get("eval_at_start", True) and total_steps:
-        start_eval = eval_fn(state)   # the starting point (e.g. the model before SFT)
-        logger.write(0, start_eval, split="eval")
-    with _SigtermFlag() as sigterm:
-        for step in range(start, total_steps):
-            batch_pos = train_iter.state()
-            batch = to_global(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch)
+    start_path = os.path.join(stage_dir, stage.start_eval_file)
+    if os.path.exists(start_path):
+        with open(start_path) as f:
+            start_eval = json.load(f)
+    elif (stage.evaluate is not None and start == 0 and tc.get("eval_at_start", True)
+          and total):
+        start_eval = stage.evaluate(state)   # the starting point (e.g. the model before SFT)
+        if start_eval:
+            logger.write(0, start_eval, split="eval")
+        if is_main and start_eval:
+            with open(start_path, "w") as f:
+                json.dump(start_eval, f, indent=2)
+
+    def meta():
+        return {"train_iter": stage.batches.state()}
+
+    with SigtermFlag() as sigterm:
+        for step in range(start, total):
+            batch_pos = stage.batches.state()
+            batch = put(next(stage.batches))
+            state, metrics = stage.step(state, batch)
             if pending is not None:
                 flush(pending)
             pending = (step + 1, batch_pos, metrics)
             logger.advance()
             done = step + 1
-            want_eval = eval_fn is not None and tc.eval_every and done % tc.eval_every == 0
-            if want_eval or ckpt.should_save(done) or sigterm.set or done == total_steps:
+            want_eval = (stage.evaluate is not None and tc.eval_every
+                         and done % tc.eval_every == 0)
+            if want_eval or ckpt.should_save(done) or sigterm.set or done == total:
                 flush(pending)
                 pending = None
-            if want_eval or (eval_fn is not None and done == total_steps):
-                eval_metrics = eval_fn(state)
-                logger.write(done, eval_metrics, split="eval")
-            if ckpt.should_save(done) or done == total_steps:
+            if want_eval or (stage.evaluate is not None and done == total):
+                eval_metrics = stage.evaluate(state)
+                if eval_metrics:
+                    logger.write(done, eval_metrics, split="eval")
+            if ckpt.should_save(done) or done == total or sigterm.set:
                 ckpt.save(done, state, meta())
             if sigterm.set:
-                ckpt.save(done, state, meta())
                 logger.print(f"[{name}] SIGTERM: saved checkpoint at step {done}; re-run the "
                              "same command to resume.")
                 logger.close()
+                ckpt.close()
                 raise Preempted(f"{name} preempted at step {done}")
         if pending is not None:
             flush(pending)
-    if start >= total_steps and eval_fn is not None:
-        eval_metrics = eval_fn(state)
+    if start >= total and stage.evaluate is not None:
+        eval_metrics = stage.evaluate(state)
     logger.close()
-    return LoopResult(state, last, eval_metrics, time.time() - t0, skipped, start_eval)
+    ckpt.close()
+    result = LoopResult(state, last, eval_metrics, time.time() - t0, skipped, start_eval)
+    return stage.finish(result) if stage.finish is not None else result
 
 
-def restore_or_init(ckpt: Checkpointer, state, state_sh, train_iter, log=print):
-    """Latest checkpoint (onto the current mesh) if there is one, else the given state."""
-    step = ckpt.latest_step()
-    if step is None:
-        return state, {}
-    restored, meta = ckpt.restore(abstract_like(state, state_sh), step)
-    if "train_iter" in meta:
-        train_iter.restore(meta["train_iter"])
-    log(f"Resumed from checkpoint step {step} in {ckpt.directory}")
-    return restored, meta
+def loop_summary(result: LoopResult) -> Dict[str, Any]:
+    """The summary.json entries every trained stage reports: wall time, skipped steps, the
+    last train metrics (train_*), the final and starting held-out metrics (eval_*,
+    eval_start_*)."""
+    return {"wall_time_s": result.wall_time, "skipped_steps": result.skipped_steps,
+            **{f"train_{k}": v for k, v in result.last_metrics.items()},
+            **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
+            **{f"eval_start_{k}": v for k, v in result.start_eval_metrics.items()}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -483,15 +569,15 @@ def prepare_data(config, tokenizer, stage_dir: str, *, block: str = "data",
     train = build_dataset(config[block], spec, workdir=workdir)
     if eval_block is None:
         return train, None
-    ev = config[eval_block]
+    ev = heldout_block(config, block, eval_block)
     if ev.path:
         return train, build_dataset(ev, spec, workdir=workdir)
     if config[block].path == "synthetic":
-        ev = ev.copy_and_resolve_references()
         ev.path, ev.split, ev.format = "synthetic", "test", config[block].format
         ev.synthetic = config[block].synthetic.copy_and_resolve_references()
         ev.synthetic.num_examples = max(64, config[block].synthetic.num_examples // 16)
-        for k in ("buckets", "max_len", "max_k", "truncation", "max_prompt_len"):
+        for k in ("buckets", "max_len", "max_k", "truncation", "max_prompt_len", "on_bad_row",
+                  "min_prompt_tokens", "min_response_tokens", "add_bos", "chat_template"):
             ev[k] = config[block][k]
         return train, build_dataset(ev, spec, workdir=workdir)
     frac = float(config.get("eval_fraction", 0.05))
@@ -504,6 +590,16 @@ def prepare_data(config, tokenizer, stage_dir: str, *, block: str = "data",
     eval_ds = dataclasses.replace(train, rows=[r for i, r in enumerate(train.rows) if i in held])
     train = dataclasses.replace(train, rows=[r for i, r in enumerate(train.rows) if i not in held])
     return train, eval_ds
+
+
+def heldout_block(config, block: str = "data", eval_block: str = "eval_data"):
+    """A copy of the held-out data block with its unset `on_bad_row` (None, the default)
+    taken from the training block: held-out rows follow the training data's bad-row
+    policy unless eval_data sets its own."""
+    ev = config[eval_block].copy_and_resolve_references()
+    if ev.get("on_bad_row") is None:
+        ev.on_bad_row = config[block].on_bad_row
+    return ev
 
 
 def data_iterators(config, train_ds, eval_ds, *, batch_size: int):

@@ -51,8 +51,8 @@ def _run_stage(module, cfg, stage_dir: str, log):
 
 def _new_comparisons(config, round_dir: str, policy_dir: str, r: int):
     """Samples K responses per prompt from the policy and labels them (gold labeller)."""
+    from jaxrlhf import rollout as ro
     from jaxrlhf.data import SyntheticTask, build_dataset, load_tokenizer
-    from jaxrlhf.generation import generate
     from jaxrlhf.models import load_hf
     pcfg = config.pipeline
     out = os.path.join(round_dir, "comparisons.jsonl")
@@ -69,39 +69,26 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int):
     os.makedirs(round_dir, exist_ok=True)
     task = SyntheticTask.from_config(ppo_cfg.data.synthetic)
     tok = load_tokenizer("byte")
-    model = load_hf(policy_dir, head="lm")
-    k = int(pcfg.comparisons_k)
     prompts_cfg = ppo_cfg.data.copy_and_resolve_references()
     prompts_cfg.split = f"round{r}"
     prompts_cfg.synthetic.num_examples = int(pcfg.comparisons_per_round)
     ds = build_dataset(prompts_cfg, tok)
+    base_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), r)
+    samples = ro.sample_texts(
+        load_hf(policy_dir, head="lm"), ds,
+        ro.Sampling(int(ppo_cfg.ppo.max_new_tokens), float(ppo_cfg.ppo.temperature)),
+        k=int(pcfg.comparisons_k), batch_size=64, tokenizer=tok,
+        key_fn=lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j))
     rng = np.random.default_rng((int(config.seed), r))
     rows = []
-    for i, b in enumerate(ds.iterator(64, shuffle=False, drop_remainder=False, num_epochs=1)):
-        keep = b.pop("batch_mask") > 0
-        index = b.pop("index")
-        responses = []
-        base_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), r)
-        for j in range(k):
-            res = generate(model, b["prompt_tokens"], b["prompt_mask"],
-                           jax.random.fold_in(jax.random.fold_in(base_key, i), j),
-                           max_new_tokens=int(ppo_cfg.ppo.max_new_tokens),
-                           temperature=float(ppo_cfg.ppo.temperature), eos_id=tok.stop_ids,
-                           pad_id=tok.pad_id)
-            toks, mask = np.asarray(res.response_tokens), np.asarray(res.response_mask)
-            fin = np.asarray(res.finished)
-            responses.append([(tok.decode([int(t) for t, m in zip(tr, mr) if m]), bool(f))
-                              for tr, mr, f in zip(toks, mask, fin)])
-        for row in range(len(index)):
-            if not keep[row]:
-                continue
-            prompt = ds.examples[int(index[row])]["prompt"]
-            cands = dict(responses[j][row] for j in range(k))   # text -> ended (dedup)
-            if len(cands) < 2:
-                continue   # nothing to compare
-            texts = list(cands)
-            ranks = task.label_ranking(prompt, texts, rng=rng, ended=[cands[t] for t in texts])
-            rows.append({"prompt": prompt, "responses": texts, "ranks": [int(x) for x in ranks]})
+    for index, responses in samples.items():
+        prompt = ds.examples[index]["prompt"]
+        cands = dict(responses)   # text -> ended (dedup)
+        if len(cands) < 2:
+            continue   # nothing to compare
+        texts = list(cands)
+        ranks = task.label_ranking(prompt, texts, rng=rng, ended=[cands[t] for t in texts])
+        rows.append({"prompt": prompt, "responses": texts, "ranks": [int(x) for x in ranks]})
     with open(out + ".tmp", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

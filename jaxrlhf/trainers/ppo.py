@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +40,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrlhf import objectives as obj
-from jaxrlhf.checkpoint import Checkpointer, abstract_like
-from jaxrlhf.data import build_dataset, load_tokenizer
-from jaxrlhf.generation import generate, sampling_logprobs
-from jaxrlhf.metrics import MetricsLogger, plot_curves, write_summary
+from jaxrlhf import rollout as ro
+from jaxrlhf.data import JointIterator, build_dataset, load_tokenizer
+from jaxrlhf.generation import sampling_logprobs
+from jaxrlhf.metrics import plot_curves, read_metrics, write_summary
 from jaxrlhf.trainers import common
-from jaxrlhf.trainers.reward import sequence_rewards
 
 CRITIC_MODES = ("separate", "shared")
 # Metrics printed on the console (all of them go to metrics.jsonl / TensorBoard).
@@ -57,17 +55,10 @@ ECHO_KEYS = ("rm_score", "gold_reward", "kl", "kl_coef", "entropy", "response_le
 # ------------------------------------------------------------------------------------------
 # Pure functions (jitted once at set-up).
 
-def response_rows(tokens, n_resp: int) -> slice:
-    """The positions whose hidden states predict the N response tokens: P-1 .. L-2. Model
-    forwards pass it as `select`, so their last layer runs only there."""
-    length = tokens.shape[1]
-    return slice(length - n_resp - 1, length - 1)
-
-
 def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str):
     """Actor logits [B, N, V] at the response positions and values [B, N]."""
     actor = nnx.merge(graphdefs["actor"], params["actor"])
-    resp_rows = response_rows(tokens, n_resp)
+    resp_rows = ro.response_rows(tokens, n_resp)
     h_resp = actor.hidden(tokens, mask, select=resp_rows)
     logits = actor.apply_head(h_resp)
     if critic == "shared":
@@ -79,18 +70,8 @@ def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str)
     return logits, values
 
 
-def reward_score(rm_params, rm_graphdef, tokens, mask, opts):
-    """The frozen RM's score at the last real token; with ppo.reward_ensemble the
-    stacked ensemble's mean − ppo.uncertainty_coef · std (`rm_ensemble.uncertainty_reward`)."""
-    if opts.get("reward_ensemble"):
-        from jaxrlhf.trainers.rm_ensemble import uncertainty_reward
-        return uncertainty_reward(rm_params, rm_graphdef, tokens, mask,
-                                  coef=float(opts["uncertainty_coef"]))
-    return sequence_rewards(rm_params, rm_graphdef, tokens, mask)
-
-
 def _sampling_kw(opts):
-    return dict(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"])
+    return opts["sampling"].logprob_kw()
 
 
 def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
@@ -103,13 +84,12 @@ def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
 
 
 def frozen_scores(frozen, rollout, *, graphdefs, opts):
-    """Reference log-probs of the response [B, N] and the reward model's score [B]."""
-    tokens, mask, resp = rollout["tokens"], rollout["mask"], rollout["response_tokens"]
-    n = resp.shape[1]
-    ref = nnx.merge(graphdefs["ref"], frozen["ref"])
-    ref_logits = ref.apply_head(ref.hidden(tokens, mask, select=response_rows(tokens, n)))
-    ref_logp = sampling_logprobs(ref_logits, resp, **_sampling_kw(opts))
-    return ref_logp, reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts)
+    """Reference log-probs of the response [B, N] and the reward score [B] (the reward
+    model's, or rollout["score"] when a host-side reward filled it in)."""
+    ref_logp = ro.response_logprobs(graphdefs["ref"], frozen["ref"], rollout, opts["sampling"])
+    if "score" in rollout:
+        return ref_logp, rollout["score"]
+    return ref_logp, opts["reward"](frozen["reward"], rollout["tokens"], rollout["mask"])
 
 
 def shape_experience(state, rollout, outputs, ref_logp, raw_score, *, opts):
@@ -210,7 +190,7 @@ def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accu
         return total, aux
 
     loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
-    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, "stop",
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, opts["on_nonfinite"],
                                          counter="updates")  # "step" counts iterations
     if grad_accum > 1:  # per-micro-batch means of the diagnostics -> their average
         for k in ("approx_kl", "clipfrac", "ratio_mean", "vf_clipfrac", "explained_variance"):
@@ -254,7 +234,7 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
                                                grads["actor"], g_ptx))
         loss = loss + opts["ptx_coef"] * pl
         aux["ptx_loss"] = pl
-    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, "stop",
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, opts["on_nonfinite"],
                                          counter="updates")
     metrics.update(loss=loss, **aux)
     return dict(state, reward_stats=stats), exp, m_exp, metrics
@@ -262,25 +242,44 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
 
 def eval_scores(actor_params, frozen, rollout, *, graphdefs, opts):
     """Reward score and KL(actor || reference) (k1 summed over the response) of rollouts."""
-    tokens, mask = rollout["tokens"], rollout["mask"]
-    resp, valid = rollout["response_tokens"], rollout["response_mask"] > 0
-    n = resp.shape[1]
+    valid = rollout["response_mask"] > 0
+    logp = lambda name, params: ro.response_logprobs(graphdefs[name], params, rollout,
+                                                     opts["sampling"])
+    kl = jnp.sum(jnp.where(valid, logp("actor", actor_params) - logp("ref", frozen["ref"]),
+                           0.0), axis=-1)
+    return opts["reward"](frozen["reward"], rollout["tokens"], rollout["mask"]), kl
 
-    def logp(graphdef, params):
-        m = nnx.merge(graphdef, params)
-        logits = m.apply_head(m.hidden(tokens, mask, select=response_rows(tokens, n)))
-        return sampling_logprobs(logits, resp, **_sampling_kw(opts))
 
-    kl = jnp.sum(jnp.where(valid, logp(graphdefs["actor"], actor_params)
-                           - logp(graphdefs["ref"], frozen["ref"]), 0.0), axis=-1)
-    return reward_score(frozen["reward"], graphdefs["reward"], tokens, mask, opts), kl
+# ------------------------------------------------------------------------------------------
+# Host-side parts: texts, gold reward, held-out evaluation.
+
+class _Texts:
+    """Prompt texts and decoded responses of rollouts; the gold reward on the built-in task."""
+
+    def __init__(self, config, prompt_ds, tokenizer):
+        self.task = None
+        if config.data.path == "synthetic" and config.ppo.gold_reward:
+            from jaxrlhf.data import SyntheticTask
+            self.task = SyntheticTask.from_config(config.data.synthetic)
+        self.ds, self.tok = prompt_ds, tokenizer
+
+    def __call__(self, index, response_tokens, response_mask, ds=None):
+        """Prompt texts (rows `index` of `ds`, default the training prompts) and responses."""
+        ds = ds or self.ds
+        prompts = [ds.examples[int(i)]["prompt"] for i in index]
+        return prompts, ro.decode_responses(self.tok, response_tokens, response_mask)
+
+    def gold(self, prompts, responses, finished) -> np.ndarray:
+        return np.asarray(self.task.gold_reward_batch(prompts, responses,
+                                                      [bool(f) for f in finished]))
 
 
 class _PolicyEval:
     """Held-out evaluation of a policy: sample once per prompt (fixed rng) and report the mean
-    gold reward (built-in task), RM score, KL to the reference, length and EOS rate."""
+    gold reward (built-in task), RM score, KL to the reference, length and EOS rate over the
+    first ppo.eval_prompts held-out prompts (rounded up to whole rollout batches)."""
 
-    def __init__(self, config, tokenizer, graphdefs, opts, mesh, gold):
+    def __init__(self, config, tokenizer, graphdefs, opts, mesh, texts: _Texts):
         pc = config.ppo
         self.ds = None
         if config.data.path == "synthetic":
@@ -289,48 +288,40 @@ class _PolicyEval:
             ev.synthetic.num_examples = int(pc.eval_prompts)
             self.ds = build_dataset(ev, tokenizer)
         elif config.eval_data.path:
-            self.ds = build_dataset(config.eval_data, tokenizer)
-        self.config, self.tok, self.mesh, self.gold = config, tokenizer, mesh, gold
+            self.ds = build_dataset(common.heldout_block(config), tokenizer)
+        self.pc, self.tok, self.mesh, self.texts = pc, tokenizer, mesh, texts
         self.scores = jax.jit(functools.partial(eval_scores, graphdefs=graphdefs, opts=opts))
-        self.graphdefs = graphdefs
+        self.actor_gd, self.sampling = graphdefs["actor"], opts["sampling"]
+
+    @property
+    def active(self) -> bool:
+        return self.ds is not None and int(self.pc.eval_prompts) > 0
 
     def __call__(self, actor_params, frozen) -> Dict[str, float]:
-        if self.ds is None or not int(self.config.ppo.eval_prompts):
-            return {}
-        pc = self.config.ppo
-        task = self.gold.task
-        actor = nnx.merge(self.graphdefs["actor"], actor_params)
         tot: Dict[str, float] = {}
         n = 0
-        it = self.ds.iterator(int(pc.rollout_batch), shuffle=False, drop_remainder=False,
+        it = self.ds.iterator(int(self.pc.rollout_batch), shuffle=False, drop_remainder=False,
                               num_epochs=1, process_index=jax.process_index(),
                               process_count=jax.process_count())
-        max_batches = -(-int(pc.eval_prompts) // int(pc.rollout_batch))
+        max_batches = -(-int(self.pc.eval_prompts) // int(self.pc.rollout_batch))
         for i, b in enumerate(it):
-            if i >= max_batches:  # the first eval_prompts held-out prompts (rounded up)
+            if i >= max_batches:
                 break
             keep = b.pop("batch_mask") > 0
             index = b.pop("index")
             g = common.to_global(b, self.mesh)
-            res = generate(actor, g["prompt_tokens"], g["prompt_mask"],
-                           jax.random.fold_in(jax.random.PRNGKey(1234), i),
-                           max_new_tokens=int(pc.max_new_tokens),
-                           temperature=float(pc.temperature), top_k=int(pc.top_k),
-                           top_p=float(pc.top_p), eos_id=self.tok.stop_ids,
-                           pad_id=self.tok.pad_id, mesh=self.mesh)
-            rollout = {"tokens": res.tokens, "mask": res.mask,
-                       "response_tokens": res.response_tokens,
-                       "response_mask": res.response_mask}
-            score, kl = (_host(x) for x in self.scores(actor_params, frozen, rollout))
-            resp, rmask, fin = (_host(x) for x in (res.response_tokens, res.response_mask,
-                                                   res.finished))
-            keep = _host(jnp.asarray(keep)) if jax.process_count() > 1 else keep
+            r = ro.sample((self.actor_gd, actor_params), g["prompt_tokens"], g["prompt_mask"],
+                          jax.random.fold_in(jax.random.PRNGKey(1234), i), self.sampling,
+                          eos_id=self.tok.stop_ids, pad_id=self.tok.pad_id, mesh=self.mesh)
+            score, kl = (ro.host_array(x) for x in self.scores(actor_params, frozen, r))
+            resp, rmask, fin = (ro.host_array(r[k]) for k in ("response_tokens",
+                                                              "response_mask", "finished"))
+            keep = ro.host_array(jnp.asarray(keep)) if jax.process_count() > 1 else keep
             vals = {"rm_score": score, "kl": kl, "response_length": rmask.sum(-1),
                     "eos_rate": fin.astype(np.float32)}
-            if task is not None:
-                prompts, texts = self.gold.texts(index, resp, rmask, ds=self.ds)
-                vals["gold_reward"] = np.asarray(task.gold_reward_batch(
-                    prompts, texts, [bool(f) for f in fin]))
+            if self.texts.task is not None:
+                vals["gold_reward"] = self.texts.gold(*self.texts(index, resp, rmask,
+                                                                  ds=self.ds), fin)
             for k, v in vals.items():
                 tot[k] = tot.get(k, 0.0) + float(np.asarray(v, np.float64)[keep].sum())
             n += int(keep.sum())
@@ -368,70 +359,42 @@ def _opts(config) -> Dict[str, Any]:
                          f"ppo.minibatch_size ({pc.minibatch_size}).")
     obj.registry.get("kl", pc.kl_estimator)
     obj.registry.get("loss_agg", pc.loss_agg)
-    keys = ("critic", "temperature", "top_k", "top_p", "kl_estimator", "gamma", "lam",
-            "clip_eps", "dual_clip", "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef",
-            "loss_agg", "whiten_advantages", "reward_clip", "reward_norm",
-            "missing_eos_penalty")
+    keys = ("critic", "temperature", "kl_estimator", "gamma", "lam", "clip_eps", "dual_clip",
+            "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef", "loss_agg",
+            "whiten_advantages", "reward_clip", "reward_norm", "missing_eos_penalty")
     opts = {k: pc[k] for k in keys}
-    # Score with an rm_ensemble (mean − uncertainty_coef · std).
-    opts.update(reward_ensemble=bool(pc.get("reward_ensemble")),
-                uncertainty_coef=float(pc.get("uncertainty_coef", 0.0)))
+    opts["on_nonfinite"] = config.train.on_nonfinite
+    opts["sampling"] = ro.Sampling(max_new_tokens=int(pc.max_new_tokens),
+                                   temperature=float(pc.temperature), top_k=int(pc.top_k),
+                                   top_p=float(pc.top_p))
     return opts
 
 
-class _GoldScorer:
-    """Gold reward of rollouts on the built-in task (None for user data)."""
-
-    def __init__(self, config, prompt_ds, tokenizer):
-        self.task = None
-        if config.data.path == "synthetic" and config.ppo.gold_reward:
-            from jaxrlhf.data import SyntheticTask
-            self.task = SyntheticTask.from_config(config.data.synthetic)
-        self.ds, self.tok = prompt_ds, tokenizer
-
-    def texts(self, index, response_tokens, response_mask, ds=None):
-        """Prompt texts (rows `index` of `ds`, default the training prompts) and decoded
-        responses."""
-        ds = ds or self.ds
-        prompts = [ds.examples[int(i)]["prompt"] for i in index]
-        resp = [self.tok.decode([int(t) for t, m in zip(row, mrow) if m])
-                for row, mrow in zip(response_tokens, response_mask)]
-        return prompts, resp
-
-    def __call__(self, index, response_tokens, response_mask, finished):
-        if self.task is None:
-            return None
-        prompts, resp = self.texts(index, response_tokens, response_mask)
-        return float(np.mean(self.task.gold_reward_batch(prompts, resp,
-                                                         [bool(f) for f in finished])))
-
-
-def _host(x):
-    """All rows of a (possibly multi-process) global array as NumPy."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+def _split_rows(batch, n: int) -> List[Any]:
+    """n consecutive equal row blocks of every array in `batch` (None -> [None] * n)."""
+    if batch is None:
+        return [None] * n
+    size = next(iter(batch.values())).shape[0] // n
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------
 # The stage.
 
-def run(config, stage_dir: str):
-    """Trains (or resumes) PPO-ptx in `stage_dir`; exports the actor to `stage_dir/hf`."""
-    os.makedirs(stage_dir, exist_ok=True)
-    common.maybe_initialize_distributed(config)
-    pc, tc = config.ppo, config.train
+def build(config, stage_dir: str) -> common.Stage:
+    """PPO-ptx as a stage of the shared loop: one step is one iteration (rollout ->
+    experience -> ppo_epochs x minibatch updates -> KL controller)."""
+    pc = config.ppo
     opts = _opts(config)
     mesh = common.mesh_from_config(config)
-    if not pc.actor_init or not (pc.reward_init or opts["reward_ensemble"]):
+    ensemble = bool(pc.reward_ensemble)
+    if not pc.actor_init or not (pc.reward_init or ensemble):
         raise ValueError("PPO needs ppo.actor_init (an SFT stage dir or HF dir) and "
                          "ppo.reward_init (a reward-model stage dir or HF dir).")
     actor_dir = common.resolve_init_dir(pc.actor_init)
-    if opts["reward_ensemble"]:  # member 0 stands in for reward_init (critic, checks)
-        from jaxrlhf.trainers import rm_ensemble
-        reward_dir = common.resolve_init_dir(pc.reward_init or
-                                             rm_ensemble.member_dirs(pc.reward_ensemble)[0])
+    if ensemble:  # member 0 stands in for reward_init (critic, checks)
+        from jaxrlhf.models.reward import load_ensemble, member_dirs
+        reward_dir = common.resolve_init_dir(pc.reward_init or member_dirs(pc.reward_ensemble)[0])
     else:
         reward_dir = common.resolve_init_dir(pc.reward_init)
     critic_dir = common.resolve_init_dir(pc.critic_init or reward_dir)
@@ -440,17 +403,18 @@ def run(config, stage_dir: str):
 
     ref_dir = common.resolve_init_dir(pc.ref_init or pc.actor_init)
     ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh, config.model)
-    if opts["reward_ensemble"]:  # stacked members [M, ...]
-        rm_gd, rm_params, rm_model = rm_ensemble.load_ensemble(pc.reward_ensemble, mesh)
+    if ensemble:  # stacked members [M, ...]: score = mean − uncertainty_coef · std
+        rm_gd, rm_params, rm_model = load_ensemble(pc.reward_ensemble, mesh)
+        opts["reward"] = ro.ModelReward(rm_gd, ensemble_coef=float(pc.uncertainty_coef))
     else:
         rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh, config.model)
+        opts["reward"] = ro.ModelReward(rm_gd)
     common.check_tokenizer(tokenizer, actor_model.cfg,
                            {"actor_init": actor_dir, "reward_init": reward_dir,
                             "critic_init": critic_dir, "ref_init": ref_dir})
     if rm_model.cfg.vocab_size != actor_model.cfg.vocab_size:
         raise ValueError(f"Actor vocab {actor_model.cfg.vocab_size} != reward model vocab "
                          f"{rm_model.cfg.vocab_size}: they must share one tokenizer.")
-    eos_id, pad_id = tokenizer.stop_ids, tokenizer.pad_id
 
     # Trainable params: actor (a separate buffer from the frozen reference, which is never
     # donated) and critic (a separate model from critic_init, or a value head on the trunk).
@@ -458,11 +422,11 @@ def run(config, stage_dir: str):
         actor_params = jax.tree.map(jnp.copy, ref_params)
     else:
         _, actor_params, _ = _load_frozen(actor_dir, "lm", mesh, config.model)
-    graphdefs = {"actor": ref_gd, "ref": ref_gd, "reward": rm_gd}
+    graphdefs = {"actor": ref_gd, "ref": ref_gd}
     params_sh = {"actor": common.param_shardings(actor_model, mesh)}
+    rep = NamedSharding(mesh, P())
     if pc.critic == "shared":
         d = actor_model.cfg.d_model
-        rep = NamedSharding(mesh, P())
         critic_params = {"w": jax.device_put(jnp.zeros((d,), jnp.float32), rep),
                          "b": jax.device_put(jnp.zeros((), jnp.float32), rep)}
         params_sh["critic"] = {"w": rep, "b": rep}
@@ -475,11 +439,10 @@ def run(config, stage_dir: str):
     frozen = {"ref": ref_params, "reward": rm_params}
 
     n_mb = pc.rollout_batch // pc.minibatch_size
-    total_updates = int(pc.iterations) * int(pc.ppo_epochs) * n_mb
-    optimizer, schedule = _optimizer(config, total_updates, params)
+    n_updates = int(pc.ppo_epochs) * n_mb
+    optimizer, schedule = _optimizer(config, int(pc.iterations) * n_updates, params)
     state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
                                               int(config.seed))
-    rep = NamedSharding(mesh, P())
     kl_ctl = obj.kl_controller_init(pc.kl_controller, kl_coef=float(pc.kl_coef),
                                     target=float(pc.kl_target), horizon=float(pc.kl_horizon))
     state["kl_ctl"] = jax.device_put(kl_ctl, rep)
@@ -489,29 +452,21 @@ def run(config, stage_dir: str):
     state_sh["kl_ctl"] = jax.tree.map(lambda _: rep, kl_ctl)
     state_sh["reward_stats"] = jax.tree.map(lambda _: rep, state["reward_stats"])
 
-    # Data: prompts (and pretraining text for ptx).
+    # Data: prompts, and per iteration one ptx batch per update.
     workdir = stage_dir if jax.process_index() == 0 else None
     prompt_ds = build_dataset(config.data, tokenizer, workdir=workdir)
     pi, pcount = jax.process_index(), jax.process_count()
-    prompt_iter = prompt_ds.iterator(int(pc.rollout_batch), seed=int(config.seed),
-                                     process_index=pi, process_count=pcount)
-    ptx_iter = None
+    extras = {}
     if pc.ptx_coef > 0:
         ptx_ds = build_dataset(config.ptx_data, tokenizer, workdir=workdir)
-        ptx_iter = ptx_ds.iterator(int(pc.ptx_batch_size) * n_mb * int(pc.ppo_epochs),
-                                   seed=int(config.seed) + 1, process_index=pi,
-                                   process_count=pcount)
-    gold = _GoldScorer(config, prompt_ds, tokenizer)
-    policy_eval = _PolicyEval(config, tokenizer, graphdefs, opts, mesh, gold)
-
-    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
-                        save_every=tc.save_every)
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_like(state, state_sh))
-        prompt_iter.restore(meta["prompt_iter"])
-        if ptx_iter is not None and "ptx_iter" in meta:
-            ptx_iter.restore(meta["ptx_iter"])
-        print(f"Resumed PPO from iteration {int(state['step'])} in {ckpt.directory}")
+        extras["ptx"] = (ptx_ds.iterator(int(pc.ptx_batch_size) * n_updates,
+                                         seed=int(config.seed) + 1, process_index=pi,
+                                         process_count=pcount),
+                         ("tokens", "attention_mask", "loss_mask"))
+    batches = JointIterator(prompt_ds.iterator(int(pc.rollout_batch), seed=int(config.seed),
+                                               process_index=pi, process_count=pcount), extras)
+    texts = _Texts(config, prompt_ds, tokenizer)
+    policy_eval = _PolicyEval(config, tokenizer, graphdefs, opts, mesh, texts)
 
     experience_fn = jax.jit(functools.partial(make_experience, graphdefs=graphdefs, opts=opts))
     update_fn = jax.jit(
@@ -519,149 +474,111 @@ def run(config, stage_dir: str):
                           schedule=schedule, opts=opts, grad_accum=int(pc.grad_accum)),
         in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
     kl_update = jax.jit(obj.kl_controller_update)
-    fused = bool(pc.fused_first_update) and n_mb == 1 and int(pc.grad_accum) == 1
-    if fused:  # one minibatch: the scoring pass and the first update share their forwards
+    fused_fn = None
+    if bool(pc.fused_first_update) and n_mb == 1 and int(pc.grad_accum) == 1:
+        # One minibatch: the scoring pass and the first update share their forwards.
         fused_fn = jax.jit(
             functools.partial(fused_first_update, graphdefs=graphdefs, optimizer=optimizer,
                               schedule=schedule, opts=opts),
             in_shardings=(state_sh, None, None, None),
             out_shardings=(state_sh, None, None, None), donate_argnums=(0,))
+    clock = {"start": time.time(), "generation": 0.0}
 
-    start = int(jax.device_get(state["step"]))
-    logger = MetricsLogger(stage_dir, total_steps=int(pc.iterations), start_step=start,
-                           desc="ppo", log_every=tc.log_every, is_main=pi == 0,
-                           echo_keys=ECHO_KEYS)
-    # The initial (SFT) policy's held-out scores, computed once and kept for resumes.
-    init_eval_path = os.path.join(stage_dir, "eval_initial_policy.json")
-    if os.path.exists(init_eval_path):
-        with open(init_eval_path) as f:
-            init_eval = json.load(f)
-    else:
-        init_eval = policy_eval(state["params"]["actor"], frozen) if start == 0 else {}
-        if pi == 0 and init_eval:
-            with open(init_eval_path, "w") as f:
-                json.dump(init_eval, f, indent=2)
-            logger.write(0, init_eval, split="eval")
+    def iteration(state, batch):
+        it = int(jax.device_get(state["step"]))
+        it_rng = jax.random.fold_in(state["rng"], it)
+        index = batch.pop("index")
+        ptx = {k[4:]: batch.pop(k) for k in list(batch) if k.startswith("ptx_")}
+        g = common.to_global(batch, mesh)
+        tg = time.time()
+        # (graphdef, params) rather than a merged module: generate would split it again.
+        rollout = ro.sample((graphdefs["actor"], state["params"]["actor"]),
+                            g["prompt_tokens"], g["prompt_mask"], jax.random.fold_in(it_rng, 0),
+                            opts["sampling"], eos_id=tokenizer.stop_ids,
+                            pad_id=tokenizer.pad_id, mesh=mesh)
+        jax.block_until_ready(rollout["tokens"])
+        clock["generation"] += time.time() - tg
+        ptx_mbs = _split_rows({f"ptx_{k}": v for k, v in common.to_global(ptx, mesh).items()}
+                              if ptx else None, n_updates)
+        updates = []
+        if fused_fn is not None:  # scoring pass + epoch 0's single update in one program
+            state, exp, m_exp, um = fused_fn(state, frozen, rollout, ptx_mbs[0])
+            updates.append(um)
+        else:
+            exp, m_exp, stats = experience_fn(state, frozen, rollout)
+            state = dict(state, reward_stats=stats)
+        for epoch in range(len(updates), int(pc.ppo_epochs)):  # fused: epoch 0 is done
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch),
+                                                     int(pc.rollout_batch)))
+            for j in range(n_mb):
+                idx = perm[j * pc.minibatch_size:(j + 1) * pc.minibatch_size]
+                mb = {key: v[idx] for key, v in exp.items()}
+                mb.update(ptx_mbs[len(updates)] or {})
+                state, um = update_fn(state, mb)
+                updates.append(um)
+        new_kl = kl_update(state["kl_ctl"], m_exp["kl"], jnp.float32(pc.rollout_batch))
+        state = dict(state, step=state["step"] + 1, kl_ctl=new_kl)
+        share = clock["generation"] / max(time.time() - clock["start"], 1e-9)
+        return state, {"experience": m_exp, "updates": updates, "index": index,
+                       "rollout": {k: rollout[k] for k in ("response_tokens", "response_mask",
+                                                           "finished")},
+                       "generation_time_share": share}
+
     samples_path = os.path.join(stage_dir, "samples.jsonl")
-    t0 = time.time()
-    gen_time = 0.0
-    last: Dict[str, float] = {}
 
-    def meta():
-        m = {"prompt_iter": prompt_iter.state()}
-        if ptx_iter is not None:
-            m["ptx_iter"] = ptx_iter.state()
+    def read_iteration_metrics(step_no, out, logger):
+        m = {key: float(v) for key, v in jax.device_get(out["experience"]).items()}
+        ups = jax.device_get(out["updates"])
+        for key in ups[0]:
+            vals = [float(u[key]) for u in ups]
+            m[key] = float(np.max(vals) if key == "ratio_max" else np.mean(vals))
+        m["finite"] = float(np.min([float(u["finite"]) for u in ups]))
+        for key in ("ratio_mean", "approx_kl", "clipfrac"):
+            m[f"first_{key}"] = float(ups[0][key])
+        resp, rmask, fin = (ro.host_array(out["rollout"][k])
+                            for k in ("response_tokens", "response_mask", "finished"))
+        if texts.task is not None:
+            m["gold_reward"] = float(np.mean(texts.gold(*texts(out["index"], resp, rmask),
+                                                        fin)))
+        m["generation_time_share"] = out["generation_time_share"]
+        if pi == 0 and pc.sample_every and step_no % pc.sample_every == 0:
+            prompts_txt, resp_txt = texts(out["index"][:4], resp[:4], rmask[:4])
+            with open(samples_path, "a") as f:
+                for p_, r_, e_ in zip(prompts_txt, resp_txt, fin[:4]):
+                    f.write(json.dumps({"iteration": step_no, "prompt": p_, "response": r_,
+                                        "ended": bool(e_)}) + "\n")
+            logger.print(f"[ppo] sample @ {step_no}: {prompts_txt[0]!r} -> {resp_txt[0]!r}")
         return m
 
-    with common._SigtermFlag() as sigterm:
-        for it in range(start, int(pc.iterations)):
-            it_rng = jax.random.fold_in(state["rng"], it)
-            prompts = next(prompt_iter)
-            index = prompts.pop("index")
-            g = common.to_global(prompts, mesh)
-            tg = time.time()
-            # (graphdef, params) rather than a merged module: generate would split it again
-            # (~1.7 ms of Python per iteration for the small preset).
-            actor = (graphdefs["actor"], state["params"]["actor"])
-            res = generate(actor, g["prompt_tokens"], g["prompt_mask"],
-                           jax.random.fold_in(it_rng, 0), max_new_tokens=int(pc.max_new_tokens),
-                           temperature=float(pc.temperature), top_k=int(pc.top_k),
-                           top_p=float(pc.top_p), eos_id=eos_id, pad_id=pad_id, mesh=mesh)
-            jax.block_until_ready(res.tokens)
-            gen_time += time.time() - tg
-            rollout = {"tokens": res.tokens, "mask": res.mask,
-                       "response_tokens": res.response_tokens,
-                       "response_mask": res.response_mask, "finished": res.finished}
-            ptx_all = None
-            if ptx_iter is not None:
-                ptx_all = common.to_global(
-                    {k_: v for k_, v in next(ptx_iter).items()
-                     if k_ in ("tokens", "attention_mask", "loss_mask")}, mesh)
-            ptx_mb = lambda k_: None if ptx_all is None else {
-                f"ptx_{key}": v[k_ * pc.ptx_batch_size:(k_ + 1) * pc.ptx_batch_size]
-                for key, v in ptx_all.items()}
-            upd_metrics = []
-            if fused:  # scoring pass + epoch 0's single update in one program
-                state, exp, m_exp, um = fused_fn(state, frozen, rollout, ptx_mb(0))
-                upd_metrics.append(um)
-            else:
-                exp, m_exp, stats = experience_fn(state, frozen, rollout)
-                state = dict(state, reward_stats=stats)
-            k = len(upd_metrics)  # updates done this iteration (indexes the ptx batches)
-            for epoch in range(k, int(pc.ppo_epochs)):  # fused: one update per epoch, 0 done
-                perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch),
-                                                         int(pc.rollout_batch)))
-                for j in range(n_mb):
-                    idx = perm[j * pc.minibatch_size:(j + 1) * pc.minibatch_size]
-                    mb = {key: v[idx] for key, v in exp.items()}
-                    mb.update(ptx_mb(k) or {})
-                    k += 1
-                    state, um = update_fn(state, mb)
-                    upd_metrics.append(um)
-            new_kl = kl_update(state["kl_ctl"], m_exp["kl"], jnp.float32(pc.rollout_batch))
-            state = dict(state, step=state["step"] + 1, kl_ctl=new_kl)
+    def finish(result):
+        actor = nnx.merge(graphdefs["actor"], result.state["params"]["actor"])
+        common.export_stage_model(actor, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
+                                  tokenizer_spec_=tok_spec, stage="ppo")
+        rows = (read_metrics(stage_dir)
+                if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")) else [])
+        first = rows[0] if rows else {}
+        summary = {"stage": "ppo", "iterations": int(pc.iterations),
+                   "wall_time_s": result.wall_time,
+                   **{f"final_{k}": v for k, v in result.last_metrics.items()},
+                   **{f"eval_initial_{k}": v for k, v in result.start_eval_metrics.items()},
+                   **{f"eval_final_{k}": v for k, v in result.eval_metrics.items()},
+                   **{f"first_{k}": first.get(k) for k in ("rm_score", "gold_reward", "kl")
+                      if k in first}}
+        if pi == 0:
+            write_summary(stage_dir, summary)
+            plot_curves(stage_dir, [["rm_score"], ["gold_reward"], ["kl"], ["entropy"]],
+                        filename="curves.png", title="PPO")
+        return summary, actor
 
-            # Metrics of this iteration (read after the device work is queued).
-            m = {key: float(v) for key, v in jax.device_get(m_exp).items()}
-            ups = jax.device_get(upd_metrics)
-            for key in ups[0]:
-                vals = [float(u[key]) for u in ups]
-                m[key] = float(np.max(vals)) if key == "ratio_max" else float(np.mean(vals))
-            m["first_ratio_mean"] = float(ups[0]["ratio_mean"])
-            m["first_approx_kl"] = float(ups[0]["approx_kl"])
-            m["first_clipfrac"] = float(ups[0]["clipfrac"])
-            m.pop("finite", None)
-            resp_np, rmask_np = _host(res.response_tokens), _host(res.response_mask)
-            fin_np = _host(res.finished)
-            gr = gold(index, resp_np, rmask_np, fin_np)
-            if gr is not None:
-                m["gold_reward"] = gr
-            m["generation_time_share"] = gen_time / max(time.time() - t0, 1e-9)
-            if not math.isfinite(m["loss"]):
-                raise common.NonFiniteLoss(f"[ppo] non-finite loss at iteration {it + 1}.")
-            logger.write(it + 1, m)
-            last = m
-            logger.advance()
-            if pi == 0 and pc.sample_every and (it + 1) % pc.sample_every == 0:
-                prompts_txt, resp_txt = gold.texts(index[:4], resp_np[:4], rmask_np[:4])
-                with open(samples_path, "a") as f:
-                    for p_, r_, fin in zip(prompts_txt, resp_txt, fin_np[:4]):
-                        f.write(json.dumps({"iteration": it + 1, "prompt": p_,
-                                            "response": r_, "ended": bool(fin)}) + "\n")
-                logger.print(f"[ppo] sample @ {it + 1}: {prompts_txt[0]!r} -> {resp_txt[0]!r}")
-            done = it + 1
-            if tc.eval_every and done % tc.eval_every == 0 and done < int(pc.iterations):
-                logger.write(done, policy_eval(state["params"]["actor"], frozen), split="eval")
-            if ckpt.should_save(done) or done == int(pc.iterations) or sigterm.set:
-                ckpt.save(done, state, meta())
-            if sigterm.set:
-                logger.print(f"[ppo] SIGTERM: saved checkpoint at iteration {done}; re-run "
-                             "the same command to resume.")
-                logger.close()
-                raise common.Preempted(f"ppo preempted at iteration {done}")
-    final_eval = policy_eval(state["params"]["actor"], frozen)
-    if final_eval:
-        logger.write(int(pc.iterations), final_eval, split="eval")
-    logger.close()
-    ckpt.close()
+    evaluate = ((lambda s: policy_eval(s["params"]["actor"], frozen))
+                if policy_eval.active else None)
+    return common.Stage(name="ppo", state=state, state_sh=state_sh, step=iteration,
+                        batches=batches, total_steps=int(pc.iterations), mesh=mesh,
+                        evaluate=evaluate, finish=finish, put=lambda b: b,
+                        read_metrics=read_iteration_metrics, echo_keys=ECHO_KEYS,
+                        start_eval_file="eval_initial_policy.json")
 
-    actor = nnx.merge(graphdefs["actor"], state["params"]["actor"])
-    common.export_stage_model(actor, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
-                              tokenizer_spec_=tok_spec, stage="ppo")
-    rows = []
-    if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
-        from jaxrlhf.metrics import read_metrics
-        rows = read_metrics(stage_dir)
-    first = rows[0] if rows else {}
-    summary = {"stage": "ppo", "iterations": int(pc.iterations),
-               "wall_time_s": time.time() - t0,
-               **{f"final_{k}": v for k, v in last.items()},
-               **{f"eval_initial_{k}": v for k, v in init_eval.items()},
-               **{f"eval_final_{k}": v for k, v in final_eval.items()},
-               **{f"first_{k}": first.get(k) for k in ("rm_score", "gold_reward", "kl")
-                  if k in first}}
-    if pi == 0:
-        write_summary(stage_dir, summary)
-        plot_curves(stage_dir, [["rm_score"], ["gold_reward"], ["kl"], ["entropy"]],
-                    filename="curves.png", title="PPO")
-    return summary, actor
+
+def run(config, stage_dir: str):
+    """Trains (or resumes) PPO-ptx in `stage_dir`; exports the actor to `stage_dir/hf`."""
+    return common.run_stage(build, config, stage_dir)

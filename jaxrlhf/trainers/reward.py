@@ -1,156 +1,142 @@
-"""Reward-model training from K-wise rankings (InstructGPT).
+"""Reward-model training from K-wise rankings (InstructGPT), with the MOSS options
+("Secrets of RLHF II") of `config.rm`.
 
 r(x, y) is the scalar head at the last real token of prompt + response. All C(K,2) pairs of
 a prompt come from ONE forward pass over its K responses; the loss is
-`jaxrlhf.objectives.kwise_ranking_loss` (ties skipped or soft, margin, label smoothing from
-`config.rm`). With gradient accumulation each micro-batch's loss is weighted by its number of
-prompts over the whole batch's, so accumulation does not change the loss.
+`jaxrlhf.objectives.kwise_ranking_loss` (ties skipped or soft, margin, label smoothing,
+centring in the weights). With gradient accumulation each micro-batch's loss is weighted by
+its number of prompts over the whole batch's, so accumulation does not change the loss.
+
+MOSS options (all off by default):
+  strength      rm.strength_file (strength.jsonl of an rm_ensemble stage) with rm.soft_labels,
+                rm.adaptive_margin, rm.flip_fraction: per-pair (ε, m) computed on the host
+                (`jaxrlhf.objectives.pair_labels`) reach the step as batch["pair_smoothing"],
+                batch["pair_margin"] [B, K, K]
+  contrastive   rm.contrastive_coef > 0: + coef · InfoNCE over the ranked pairs' differences of
+                final hidden states (`jaxrlhf.objectives.pair_contrastive_loss`), feature-dropout
+                views keyed by fold_in(state.rng, step); the ranking loss uses the dropout-free
+                rewards; with grad accumulation, the mean over micro-batches
+  MetaRM        rm.meta_rm: a meta batch of unlabelled policy samples per step (rm.meta_data, or
+                sampled from rm.meta_actor into stage_dir/meta_samples.jsonl); the ranking loss
+                is taken at θ' = θ + η∇J(θ) (`jaxrlhf.objectives.metarm`) and the optimizer
+                updates θ with its gradient through θ'
 
 After training, the score bias is shifted so the mean reward of the SFT demonstrations
-(`config.rm.center_data`; or the best-ranked training responses when its path is "") is 0,
-and the model is exported with `save_hf` (score head) to `stage_dir/hf`.
+(`config.rm.center_data`; or the best-ranked training responses when its path is "") is 0
+(rm.center_on_sft), and the model is exported with `save_hf` (score head) to `stage_dir/hf`.
 
-Batch keys: tokens, attention_mask [B, K, T]; ranks, valid [B, K] (see `jaxrlhf.data`).
+The step functions live in `jaxrlhf.trainers.rm_steps` (shared with `rm_ensemble`).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxrlhf.checkpoint import Checkpointer
-from jaxrlhf.data import build_dataset, load_tokenizer
+from jaxrlhf import objectives as obj
+from jaxrlhf.data import JointIterator, load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
-from jaxrlhf.objectives import kwise_ranking_loss
 from jaxrlhf.trainers import common
+from jaxrlhf.trainers.rm_steps import META, centring_mean, make_eval_fn, train_step
+
+STRENGTH_OPTIONS = ("flip_fraction", "soft_labels", "adaptive_margin")
 
 
-def sequence_rewards(params, graphdef, tokens, mask):
-    """Rewards of [..., T] sequences (any leading shape): score at the last real token."""
-    lead, t = tokens.shape[:-1], tokens.shape[-1]
-    model = nnx.merge(graphdef, params)
-    h_last = model.last_hidden(tokens.reshape(-1, t), mask.reshape(-1, t))
-    return model.apply_head(h_last[:, None])[:, 0].reshape(lead)
+# ------------------------------------------------------------------------------------------
+# MOSS options: per-pair labels from a strength file, the MetaRM meta set.
 
-
-def _valid(batch):
-    valid = batch["valid"] > 0
-    if "batch_mask" in batch:
-        valid = valid & (batch["batch_mask"][:, None] > 0)
-    return valid
-
-
-def frozen_bias(params):
-    """`params` with the score bias out of the gradient. The ranking loss only sees reward
-    differences, so its bias gradient is 0 anyway; freezing it keeps the centring term
-    (rm.center_loss_coef) from moving the bias, which HF score heads cannot hold: centring
-    then lives in the weights, and the post-hoc shift (rm.center_on_sft) stays the only
-    bias."""
-    return dict(params, score_b=jax.lax.stop_gradient(params["score_b"]))
-
-
-def ranking_loss(params, graphdef, batch, *, tie_mode: str, margin: float,
-                 label_smoothing: float, center_coef: float = 0.0):
-    rewards = sequence_rewards(frozen_bias(params), graphdef, batch["tokens"],
-                               batch["attention_mask"])
-    if "pair_margin" in batch:  # rm_toolkit: per-pair ε, m from strength
-        margin, label_smoothing = batch["pair_margin"], batch["pair_smoothing"]
-    elif not margin:
-        margin = None
-    return kwise_ranking_loss(rewards, batch["ranks"], _valid(batch), tie_mode=tie_mode,
-                              margin=margin, label_smoothing=label_smoothing,
-                              center_coef=center_coef)
-
-
-def num_prompts_with_pairs(batch, tie_mode: str):
-    valid = _valid(batch)
-    ranks = batch["ranks"]
-    both = valid[:, :, None] & valid[:, None, :]
-    if tie_mode == "soft":
-        k = ranks.shape[-1]
-        upper = jnp.triu(jnp.ones((k, k), jnp.bool_), 1)[None]
-        pairs = both & ((ranks[:, :, None] < ranks[:, None, :]) | upper)
-    else:
-        pairs = both & (ranks[:, :, None] < ranks[:, None, :])
-    return jnp.sum(jnp.any(pairs, axis=(1, 2)).astype(jnp.float32))
-
-
-def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
-               on_nonfinite: str, loss_kw):
-    """step(state, batch) -> (state, metrics) for the K-wise ranking loss."""
-    total = jnp.maximum(num_prompts_with_pairs(batch, loss_kw["tie_mode"]), 1.0)
-
-    def contribution(params, mb):
-        loss, m = ranking_loss(params, graphdef, mb, **loss_kw)
-        w = m["num_prompts"] / total
-        return loss * w, {"accuracy": m["accuracy"] * w, "mean_margin": m["mean_margin"] * w,
-                          "center_penalty": m["center_penalty"] * w,
-                          "num_pairs": m["num_pairs"]}
-
-    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
-    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, on_nonfinite)
-    metrics.update(loss=loss, **aux)
-    return state, metrics
-
-
-def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
-    @jax.jit
-    def sums(params, batch):
-        loss, m = ranking_loss(params, graphdef, batch, **loss_kw)
-        n = m["num_prompts"]
-        return {"loss": loss * n, "accuracy": m["accuracy"] * n,
-                "mean_margin": m["mean_margin"] * n, "num_prompts": n,
-                "center_penalty": m["center_penalty"] * n, "num_pairs": m["num_pairs"]}
-
-    def evaluate(state):
-        acc = {}
-        for b in eval_batches():
-            out = jax.device_get(sums(state["params"], common.to_global(b, mesh)))  # scalars
-            for k, v in out.items():
-                acc[k] = acc.get(k, 0.0) + float(v)
-        n = acc.get("num_prompts", 0.0)
-        if not n:
-            return {}
-        return {"loss": acc["loss"] / n, "accuracy": acc["accuracy"] / n,
-                "mean_margin": acc["mean_margin"] / n, "num_prompts": n,
-                "center_penalty": acc["center_penalty"] / n, "num_pairs": acc["num_pairs"]}
-
-    return evaluate
-
-
-def centring_mean(config, params, graphdef, tokenizer, train_ds, mesh) -> tuple[float, int]:
-    """Mean reward of the SFT demonstrations (`rm.center_data`), or, when its path is "", of
-    the best-ranked (rank 0) responses of the training rankings; at most rm.center_examples."""
+def sample_meta_examples(config, train_ds, tokenizer, mesh) -> list[dict]:
+    """rm.meta_num_prompts prompts (the built-in task's prompt stream, else the training rows'
+    prompts) with rm.meta_k responses each sampled from rm.meta_actor."""
+    from jaxrlhf import rollout as ro
+    from jaxrlhf.data import SyntheticTask
+    from jaxrlhf.data.metarm import prompt_dataset
+    from jaxrlhf.models import load_hf
     rc = config.rm
-    limit = int(rc.center_examples)
-    reward_fn = jax.jit(functools.partial(sequence_rewards, graphdef=graphdef))
-    ds = build_dataset(rc.center_data, tokenizer) if rc.center_data.path else train_ds
-    it = ds.iterator(int(config.train.batch_size), shuffle=False, drop_remainder=False,
-                     num_epochs=1, process_index=jax.process_index(),
-                     process_count=jax.process_count())
-    total, count = 0.0, 0
-    for b in it:
-        g = common.to_global(b, mesh)
-        r = common.host_array(reward_fn(params, tokens=g["tokens"], mask=g["attention_mask"]))
-        keep = common.host_array(g["batch_mask"]) > 0
-        if r.ndim == 2:  # rankings [B, K]: the best response of each prompt
-            keep = ((common.host_array(g["ranks"]) == 0) & (common.host_array(g["valid"]) > 0)
-                    & keep[:, None])
-        total += float(r[keep].sum())
-        count += int(keep.sum())
-        if count >= limit:
-            break
-    return (total / count if count else 0.0), count
+    actor = load_hf(common.resolve_init_dir(rc.meta_actor), head="lm", mesh=mesh)
+    n = int(rc.meta_num_prompts)
+    if config.data.path == "synthetic":
+        task = SyntheticTask.from_config(config.data.synthetic)
+        prompts = [e["prompt"] for e in task.prompt_examples(n, split="train")]
+    else:
+        prompts = list(dict.fromkeys(ex["prompt"] for ex in train_ds.examples))[:n]
+    base = jax.random.PRNGKey(int(config.seed) + 4242)
+    out = ro.sample_texts(
+        actor, prompt_dataset(prompts, train_ds, tokenizer),
+        ro.Sampling(int(rc.meta_max_new_tokens), float(rc.meta_temperature)),
+        k=int(rc.meta_k), batch_size=int(config.train.batch_size),
+        key_fn=lambda i, j: jax.random.fold_in(base, i * 1000 + j), tokenizer=tokenizer,
+        mesh=mesh, skip_ids=(tokenizer.eos_id,))
+    return [{"prompt": prompts[i], "responses": [t for t, _ in out[i]]} for i in sorted(out)]
 
 
-def run(config, stage_dir: str):
-    """Trains (or resumes) the reward model in `stage_dir`; exports it to `stage_dir/hf`."""
-    os.makedirs(stage_dir, exist_ok=True)
-    common.maybe_initialize_distributed(config)
+def _with_pair_labels(batch, *, table, label_kw):
+    batch["pair_smoothing"], batch["pair_margin"] = obj.pair_labels(*table.lookup(batch),
+                                                                    **label_kw)
+    return batch
+
+
+def moss_options(config, train_ds, tokenizer, mesh, stage_dir: str, train_iter):
+    """(training batches, extra train_step options, info for summary.json) for the MOSS
+    options of config.rm; (train_iter, {}, None) when all are off."""
+    from jaxrlhf.data.metarm import meta_dataset, read_meta_file
+    from jaxrlhf.data.preference_strength import StrengthTable, read_strength
+    rc = config.rm
+    if not any(bool(rc[k]) for k in ("strength_file", "contrastive_coef", "meta_rm",
+                                     *STRENGTH_OPTIONS)):
+        return train_iter, {}, None
+    info: dict = {}
+    pair_labels = None   # batch -> batch with per-pair (ε, m)
+    if any(bool(rc[k]) for k in STRENGTH_OPTIONS) and not rc.strength_file:
+        raise ValueError("rm.flip_fraction / rm.soft_labels / rm.adaptive_margin need "
+                         "rm.strength_file (strength.jsonl of an rm_ensemble stage).")
+    if rc.strength_file:
+        rows = read_strength(rc.strength_file)
+        table = StrengthTable.from_rows(rows, train_ds.num_responses,
+                                        float(rc.flip_fraction), rc.strength_file)
+        label_kw = dict(label_smoothing=float(rc.label_smoothing), margin=float(rc.margin),
+                        soft_labels=bool(rc.soft_labels),
+                        soft_label_temperature=float(rc.soft_label_temperature),
+                        adaptive_margin=float(rc.adaptive_margin),
+                        adaptive_margin_max=float(rc.adaptive_margin_max))
+        info.update(strength_pairs=len(rows), flipped_pairs=int(table.flip.sum()))
+
+        pair_labels = functools.partial(_with_pair_labels, table=table, label_kw=label_kw)
+    extras = {}
+    if rc.meta_rm:
+        if rc.meta_data:
+            examples = read_meta_file(rc.meta_data)
+        elif rc.meta_actor:
+            examples = sample_meta_examples(config, train_ds, tokenizer, mesh)
+            if jax.process_index() == 0:
+                with open(os.path.join(stage_dir, "meta_samples.jsonl"), "w") as f:
+                    for e in examples:
+                        f.write(json.dumps(e) + "\n")
+        else:
+            raise ValueError("rm.meta_rm needs rm.meta_data (a file of {prompt, responses}) "
+                             "or rm.meta_actor (a stage dir to sample responses from).")
+        meta_ds = meta_dataset(examples, train_ds, tokenizer)
+        info.update(meta_rows=len(meta_ds.rows))
+        extras[META] = (meta_ds.iterator(int(rc.meta_batch_size), seed=int(config.seed) + 17,
+                                         shuffle=True, process_index=jax.process_index(),
+                                         process_count=jax.process_count()),
+                        ("tokens", "attention_mask", "valid"))
+    step_kw = {}
+    if rc.contrastive_coef:
+        step_kw["contrastive"] = dict(contrastive_coef=float(rc.contrastive_coef),
+                                      contrastive_temperature=float(rc.contrastive_temperature),
+                                      contrastive_dropout=float(rc.contrastive_dropout))
+    if rc.meta_rm:
+        step_kw["meta"] = dict(lr=float(rc.meta_lr), first_order=bool(rc.meta_first_order))
+    return JointIterator(train_iter, extras, pair_labels), step_kw, info
+
+
+def build(config, stage_dir: str) -> common.Stage:
+    """The reward-model stage: model (score head), ranking data, AdamW state, the step (with
+    the MOSS options of `config.rm` when any is on)."""
     mesh = common.mesh_from_config(config)
     init_dir = common.resolve_init_dir(config.init_from)
     tok_spec = common.tokenizer_spec(config, init_dir)
@@ -167,53 +153,47 @@ def run(config, stage_dir: str):
 
     graphdef = nnx.graphdef(model)
     params = common.params_of(model)
-    params_sh = common.param_shardings(model, mesh)
     optimizer, schedule = common.make_optimizer(tc)
-    state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
+    state, state_sh = common.init_train_state(params, optimizer,
+                                              common.param_shardings(model, mesh), mesh,
                                               int(config.seed))
-    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
-                        save_every=tc.save_every)
-    # MOSS options of config.rm (jaxrlhf.trainers.rm_toolkit); None = all off.
-    from jaxrlhf.trainers import rm_toolkit
-    toolkit = rm_toolkit.setup(config, train_ds, tokenizer, mesh, stage_dir)
-    if toolkit is not None:
-        train_iter = toolkit.wrap_iterator(train_iter)
-    step_fn, step_kw = (train_step, {}) if toolkit is None else (toolkit.step_fn,
-                                                                 toolkit.step_kw)
-    state, _ = common.restore_or_init(ckpt, state, state_sh, train_iter)
+    train_iter, step_kw, moss = moss_options(config, train_ds, tokenizer, mesh, stage_dir,
+                                             train_iter)
     step = common.compile_step(
-        functools.partial(step_fn, graphdef=graphdef, optimizer=optimizer,
+        functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
                           schedule=schedule, grad_accum=int(tc.grad_accum),
                           on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw, **step_kw), state_sh)
-    eval_fn = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw)
-               if eval_ds is not None else None)
-    result = common.train_loop(
-        name="rm", stage_dir=stage_dir, config=config, state=state, state_sh=state_sh,
-        step_fn=step, train_iter=train_iter, mesh=mesh, eval_fn=eval_fn,
-        total_steps=int(tc.steps), ckpt=ckpt)
-    ckpt.close()
 
-    params = result.state["params"]
-    bias_shift, n_centre = 0.0, 0
-    if rc.center_on_sft:
-        bias_shift, n_centre = centring_mean(config, params, graphdef, tokenizer, train_ds,
-                                             mesh)
-        params = dict(params, score_b=params["score_b"] - bias_shift)
-    model = nnx.merge(graphdef, params)
-    if rc.export_hf:
-        common.export_stage_model(model, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
-                                  tokenizer_spec_=tok_spec, stage="rm",
-                                  extra={"reward_centring_shift": bias_shift})
-    summary = {"stage": "rm", "steps": int(tc.steps), "wall_time_s": result.wall_time,
-               "skipped_steps": result.skipped_steps,
-               **{f"train_{k}": v for k, v in result.last_metrics.items()},
-               **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
-               **{f"eval_start_{k}": v for k, v in result.start_eval_metrics.items()},
-               "centring_shift": bias_shift, "centring_examples": n_centre,
-               "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-               "data_rejected": train_ds.report.n_rejected,
-               **({"moss": toolkit.info} if toolkit is not None else {})}
-    if jax.process_index() == 0:
-        write_summary(stage_dir, summary)
-        plot_curves(stage_dir, [["loss"], ["accuracy"], ["mean_margin"]], title="Reward model")
-    return summary, model
+    def finish(result):
+        params = result.state["params"]
+        bias_shift, n_centre = 0.0, 0
+        if rc.center_on_sft:
+            bias_shift, n_centre = centring_mean(config, params, graphdef, tokenizer, train_ds,
+                                                 mesh)
+            params = dict(params, score_b=params["score_b"] - bias_shift)
+        model = nnx.merge(graphdef, params)
+        if rc.export_hf:
+            common.export_stage_model(model, os.path.join(stage_dir, "hf"),
+                                      tokenizer=tokenizer, tokenizer_spec_=tok_spec,
+                                      stage="rm", extra={"reward_centring_shift": bias_shift})
+        summary = {"stage": "rm", "steps": int(tc.steps), **common.loop_summary(result),
+                   "centring_shift": bias_shift, "centring_examples": n_centre,
+                   "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+                   "data_rejected": train_ds.report.n_rejected,
+                   **({"moss": moss} if moss is not None else {})}
+        if jax.process_index() == 0:
+            write_summary(stage_dir, summary)
+            plot_curves(stage_dir, [["loss"], ["accuracy"], ["mean_margin"]],
+                        title="Reward model")
+        return summary, model
+
+    evaluate = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw)
+                if eval_ds is not None else None)
+    return common.Stage(name="rm", state=state, state_sh=state_sh, step=step,
+                        batches=train_iter, total_steps=int(tc.steps), mesh=mesh,
+                        evaluate=evaluate, finish=finish)
+
+
+def run(config, stage_dir: str):
+    """Trains (or resumes) the reward model in `stage_dir`; exports it to `stage_dir/hf`."""
+    return common.run_stage(build, config, stage_dir)

@@ -3,7 +3,7 @@ preference strength of every training pair (MOSS "Measuring the strength of
 preferences").
 
 Ensemble step. The members' parameters, optimizer states and rngs are stacked on a leading
-axis M and `ensemble_train_step` is `jax.vmap` of the single-model `reward.train_step` over
+axis M and `ensemble_train_step` is `jax.vmap` of the single-model `rm_steps.train_step` over
 them, so member m follows exactly the update it would follow alone (tested step for step).
 Diversity: member m is initialised from seed + m (with `init_from`, the trunk is the same
 checkpoint and a fresh score head is drawn from seed + m, unless the checkpoint already has a
@@ -14,27 +14,26 @@ each member's rows right-padded to the longest bucket of the M (padding does not
 reward). All members share the optimizer hyper-parameters and the schedule.
 
 Preference strength. For every ranked pair (chosen i, rejected j) of training row `index`,
-d_m = r_m(x, y_i) − r_m(x, y_j) for each member, μ = mean_m d_m and σ = std_m d_m (population
-std, ddof = 0). Written to `strength.jsonl` ({index, chosen, rejected, mu, sigma, d: [d_m]}),
-with `strength_hist.png` (histograms of μ and σ, and σ against μ). Low μ (μ < 0, the bottom
-~20%) suggests a wrong label, μ near 0 an ambiguous pair; `config.rm` options of the `rm` stage
-use the file (`jaxrlhf.trainers.rm_toolkit`).
+d_m = r_m(x, y_i) − r_m(x, y_j) for each member, μ = mean_m d_m and σ = std_m d_m
+(`jaxrlhf.objectives.preference_strength`). Written to `strength.jsonl` with
+`strength_hist.png` (`jaxrlhf.data.preference_strength`); the strength options of the `rm`
+stage (`config.rm`) use the file.
 
 Outputs in stage_dir: member_<m>/hf (each member exported like an `rm` stage, centred on its
 own), ensemble.json, strength.jsonl, strength_hist.png, summary.json, metrics.jsonl (member
 means; `accuracy_min` / `accuracy_max` over members; eval also per member and the accuracy
 of the ensemble-mean reward).
 
-`load_ensemble(dir)` stacks the exported members again; `uncertainty_reward` is the PPO score
-mean_m r_m − λ·std_m r_m (`config.ppo.reward_ensemble`, `config.ppo.uncertainty_coef`).
+`jaxrlhf.models.reward.load_ensemble(dir)` stacks the exported members again, e.g. for PPO's
+uncertainty-aware score mean_m r_m − λ·std_m r_m (`config.ppo.reward_ensemble`,
+`config.ppo.uncertainty_coef`).
 """
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
-from typing import List, Sequence
+from typing import List
 
 import jax
 import jax.numpy as jnp
@@ -42,34 +41,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrlhf.checkpoint import Checkpointer
-from jaxrlhf.data import load_tokenizer
-from jaxrlhf.metrics import write_summary
-from jaxrlhf.objectives import kwise_ranking_loss
+from jaxrlhf import objectives as obj
+from jaxrlhf.data import load_tokenizer, ranked_pairs
+from jaxrlhf.data.preference_strength import STRENGTH_FILE, write_strength
+from jaxrlhf.metrics import plot_curves, write_summary
+from jaxrlhf.models.reward import (ENSEMBLE_FILE, member, member_rewards, stack_trees,
+                                   stacked_shardings)
 from jaxrlhf.trainers import common
-from jaxrlhf.trainers import reward as rm_stage
-
-ENSEMBLE_FILE = "ensemble.json"
-STRENGTH_FILE = "strength.jsonl"
-STRENGTH_PLOT = "strength_hist.png"
-
-
-# ------------------------------------------------------------------------------------------
-# Stacking.
-
-def stack_trees(trees: Sequence):
-    """[tree_0, ..., tree_{M-1}] -> one tree with a leading member axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def member(tree, m: int):
-    """Member m of a stacked tree."""
-    return jax.tree.map(lambda x: x[m], tree)
-
-
-def stacked_shardings(shardings, mesh):
-    """The sharding of each leaf with a replicated member axis in front."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), shardings)
+from jaxrlhf.trainers import rm_steps
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,7 +59,7 @@ def ensemble_train_step(state, batch, *, member_step):
 
     state: {"step": (), "params", "opt_state": stacked [M, ...], "rng": [M, 2]};
     batch: every key [B, M, ...]. `member_step` is a single-model step (e.g.
-    `reward.train_step` with its options bound). Metrics are member means, plus the min and
+    `rm_steps.train_step` with its options bound). Metrics are member means, plus the min and
     max accuracy; "finite" is the min (one non-finite member flags the step).
     """
     def one(params, opt_state, rng, mb):
@@ -97,24 +76,6 @@ def ensemble_train_step(state, batch, *, member_step):
         metrics["accuracy_max"] = jnp.max(m["accuracy"])
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
-
-
-def member_rewards(stacked_params, graphdef, tokens, mask):
-    """Rewards [M, ...] of [..., T] sequences under every member."""
-    return jax.vmap(lambda p: rm_stage.sequence_rewards(p, graphdef, tokens, mask))(
-        stacked_params)
-
-
-def uncertainty_reward(stacked_params, graphdef, tokens_BxT, mask_BxT, *, coef: float):
-    """Uncertainty-aware score: mean_m r_m − coef · std_m r_m (population std) [B]."""
-    r = member_rewards(stacked_params, graphdef, tokens_BxT, mask_BxT)
-    return jnp.mean(r, axis=0) - coef * jnp.std(r, axis=0)
-
-
-def strength_stats(d_MxN):
-    """(μ, σ) over the member axis: mean and population std (ddof = 0) of d_m."""
-    d = np.asarray(d_MxN, np.float64)
-    return d.mean(axis=0), d.std(axis=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,12 +132,11 @@ def score_strength(stacked_params, graphdef, ds, mesh, batch_size: int) -> List[
         ranks, valid = common.host_array(g["ranks"]), common.host_array(g["valid"]) > 0
         keep = common.host_array(g["batch_mask"]) > 0
         index = common.host_array(g["index"])
-        ranked = (valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
-                  & keep[:, None, None])
+        ranked = ranked_pairs(ranks, valid) & keep[:, None, None]
         d = r[:, :, :, None] - r[:, :, None, :]                                  # [M, B, K, K]
         bs, i, j = np.nonzero(ranked)
         dd = d[:, bs, i, j]                                                      # [M, P]
-        mu, sigma = strength_stats(dd)
+        mu, sigma = obj.strength_stats(dd)
         for p in range(len(bs)):
             rows.append({"index": int(index[bs[p]]), "chosen": int(i[p]), "rejected": int(j[p]),
                          "mu": float(mu[p]), "sigma": float(sigma[p]),
@@ -184,88 +144,12 @@ def score_strength(stacked_params, graphdef, ds, mesh, batch_size: int) -> List[
     return rows
 
 
-def write_strength(out_dir: str, rows: List[dict], *, plot: bool = True) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, STRENGTH_FILE)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    if plot:
-        plot_strength(os.path.join(out_dir, STRENGTH_PLOT), rows)
-    return path
-
-
-def plot_strength(path: str, rows: List[dict], title: str = "Preference strength"):
-    """Histograms of μ and σ, and σ against μ; the bottom-20% μ threshold is marked."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    mu = np.asarray([r["mu"] for r in rows])
-    sigma = np.asarray([r["sigma"] for r in rows])
-    q20 = float(np.quantile(mu, 0.2)) if len(mu) else 0.0
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax[0].hist(mu, bins=60, color="tab:blue", alpha=0.85)
-    ax[0].axvline(0.0, color="k", lw=1)
-    ax[0].axvline(q20, color="tab:red", ls="--", lw=1, label=f"20% quantile {q20:.2f}")
-    ax[0].set_xlabel("mean μ of r(chosen) − r(rejected)")
-    ax[0].legend(fontsize=8)
-    ax[1].hist(sigma, bins=60, color="tab:orange", alpha=0.85)
-    ax[1].set_xlabel("std σ over ensemble members")
-    ax[2].scatter(mu, sigma, s=3, alpha=0.3)
-    ax[2].set_xlabel("μ")
-    ax[2].set_ylabel("σ")
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.suptitle(f"{title} ({len(mu)} pairs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ------------------------------------------------------------------------------------------
-# Loading an exported ensemble.
-
-def member_dirs(path: str) -> List[str]:
-    """The members' HF directories of an rm_ensemble stage dir, in member order."""
-    meta = os.path.join(path, ENSEMBLE_FILE)
-    if os.path.exists(meta):
-        with open(meta) as f:
-            dirs = [os.path.join(path, d) for d in json.load(f)["member_dirs"]]
-    else:
-        dirs = sorted(glob.glob(os.path.join(path, "member_*", "hf")),
-                      key=lambda d: int(d.split("member_")[-1].split(os.sep)[0]))
-    if not dirs:
-        raise FileNotFoundError(f"{path} is not an rm_ensemble stage directory (no "
-                                f"{ENSEMBLE_FILE} and no member_<m>/hf exports).")
-    return dirs
-
-
-def load_ensemble(path: str, mesh=None):
-    """(graphdef, stacked params [M, ...], member 0's model) of an rm_ensemble stage dir."""
-    from jaxrlhf.models import load_hf
-    models = [load_hf(d, head="score", mesh=mesh) for d in member_dirs(path)]
-    cfgs = {m.cfg for m in models}
-    if len(cfgs) != 1:
-        raise ValueError(f"The members of {path} have different model configs.")
-    params = [common.params_of(m) for m in models]
-    if mesh is not None:
-        sh = stacked_shardings(common.param_shardings(models[0], mesh), mesh)
-        stacked = jax.jit(stack_trees, out_shardings=sh)(params)
-    else:
-        stacked = stack_trees(params)
-    return nnx.graphdef(models[0]), stacked, models[0]
-
-
 # ------------------------------------------------------------------------------------------
 # The stage.
 
 def _has_trained_score_head(init_dir: str) -> bool:
-    with open(os.path.join(init_dir, "config.json")) as f:
-        archs = json.load(f).get("architectures") or []
+    from jaxrlhf.models.hf_io import read_json
+    archs = read_json(os.path.join(init_dir, "config.json")).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
@@ -310,12 +194,13 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, m_count: int):
     @jax.jit
     def sums(stacked, batch):
         def one(params):
-            loss, m = rm_stage.ranking_loss(params, graphdef, batch, **loss_kw)
+            loss, m = rm_steps.ranking_loss(params, graphdef, batch, **loss_kw)
             n = m["num_prompts"]
             return {"loss": loss * n, "accuracy": m["accuracy"] * n, "num_prompts": n}
         per = jax.vmap(one)(stacked)
         r = member_rewards(stacked, graphdef, batch["tokens"], batch["attention_mask"])
-        _, em = kwise_ranking_loss(jnp.mean(r, 0), batch["ranks"], rm_stage._valid(batch),
+        _, em = obj.kwise_ranking_loss(jnp.mean(r, 0), batch["ranks"],
+                                       rm_steps.valid_responses(batch),
                                    tie_mode=loss_kw["tie_mode"])
         per["ensemble_accuracy"] = em["accuracy"] * em["num_prompts"]
         return per
@@ -339,11 +224,9 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, m_count: int):
     return evaluate
 
 
-def run(config, stage_dir: str):
-    """Trains (or resumes) M reward models in one vmapped step, exports each to
-    stage_dir/member_<m>/hf and writes the preference strength of the training pairs."""
-    os.makedirs(stage_dir, exist_ok=True)
-    common.maybe_initialize_distributed(config)
+def build(config, stage_dir: str) -> common.Stage:
+    """M reward models in one vmapped step; `finish` exports each to stage_dir/member_<m>/hf
+    and writes the preference strength of the training pairs."""
     mesh = common.mesh_from_config(config)
     tc, rc = config.train, config.rm
     m_count = int(rc.ensemble_size)
@@ -376,59 +259,59 @@ def run(config, stage_dir: str):
              "rng": jax.device_put(jnp.stack([jax.random.PRNGKey(int(config.seed) + m)
                                               for m in range(m_count)]), rep)}
     state_sh = {"step": rep, "params": sp_sh, "opt_state": os_sh, "rng": rep}
-    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
-                        save_every=tc.save_every)
-    state, _ = common.restore_or_init(ckpt, state, state_sh, train_iter)
-    member_step = functools.partial(rm_stage.train_step, graphdef=graphdef, optimizer=optimizer,
+    member_step = functools.partial(rm_steps.train_step, graphdef=graphdef, optimizer=optimizer,
                                     schedule=schedule, grad_accum=int(tc.grad_accum),
                                     on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw)
     step = common.compile_step(functools.partial(ensemble_train_step, member_step=member_step),
                                state_sh)
-    eval_fn = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw, m_count)
-               if eval_ds is not None else None)
-    result = common.train_loop(
-        name="rm_ensemble", stage_dir=stage_dir, config=config, state=state,
-        state_sh=state_sh, step_fn=step, train_iter=train_iter, mesh=mesh, eval_fn=eval_fn,
-        total_steps=int(tc.steps), ckpt=ckpt)
-    ckpt.close()
 
-    stacked = result.state["params"]
-    rows = score_strength(stacked, graphdef, train_ds, mesh, int(tc.batch_size))
-    shifts, dirs = [], []
-    for m in range(m_count):
-        params = member(stacked, m)
-        shift = 0.0
-        if rc.center_on_sft:
-            shift, _ = rm_stage.centring_mean(config, params, graphdef, tokenizer, train_ds,
-                                              mesh)
-            params = dict(params, score_b=params["score_b"] - shift)
-        shifts.append(shift)
-        dirs.append(os.path.join(f"member_{m}", "hf"))
-        if rc.export_hf:
-            common.export_stage_model(nnx.merge(graphdef, params),
-                                      os.path.join(stage_dir, dirs[-1]), tokenizer=tokenizer,
-                                      tokenizer_spec_=tok_spec, stage="rm",
-                                      extra={"reward_centring_shift": shift,
-                                             "ensemble_member": m})
-    mu = np.asarray([r["mu"] for r in rows])
-    sigma = np.asarray([r["sigma"] for r in rows])
-    summary = {"stage": "rm_ensemble", "steps": int(tc.steps), "members": m_count,
-               "wall_time_s": result.wall_time, "skipped_steps": result.skipped_steps,
-               **{f"train_{k}": v for k, v in result.last_metrics.items()},
-               **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
-               "centring_shifts": shifts, "strength_file": STRENGTH_FILE,
-               "strength_pairs": len(rows),
-               "strength_mu_mean": float(mu.mean()) if len(mu) else 0.0,
-               "strength_sigma_mean": float(sigma.mean()) if len(mu) else 0.0,
-               "strength_frac_mu_negative": float((mu < 0).mean()) if len(mu) else 0.0,
-               "data_rejected": train_ds.report.n_rejected}
-    if pi == 0:
-        write_strength(stage_dir, rows)
-        with open(os.path.join(stage_dir, ENSEMBLE_FILE), "w") as f:
-            json.dump({"members": m_count, "member_dirs": dirs, "seed": int(config.seed),
-                       "strength_file": STRENGTH_FILE}, f, indent=2)
-        write_summary(stage_dir, summary)
-        from jaxrlhf.metrics import plot_curves
-        plot_curves(stage_dir, [["loss"], ["accuracy", "ensemble_accuracy"]],
-                    title=f"Reward-model ensemble (M = {m_count})")
-    return summary, nnx.merge(graphdef, member(stacked, 0))
+    def finish(result):
+        stacked = result.state["params"]
+        rows = score_strength(stacked, graphdef, train_ds, mesh, int(tc.batch_size))
+        shifts, dirs = [], []
+        for m in range(m_count):
+            params = member(stacked, m)
+            shift = 0.0
+            if rc.center_on_sft:
+                shift, _ = rm_steps.centring_mean(config, params, graphdef, tokenizer,
+                                                  train_ds, mesh)
+                params = dict(params, score_b=params["score_b"] - shift)
+            shifts.append(shift)
+            dirs.append(os.path.join(f"member_{m}", "hf"))
+            if rc.export_hf:
+                common.export_stage_model(nnx.merge(graphdef, params),
+                                          os.path.join(stage_dir, dirs[-1]),
+                                          tokenizer=tokenizer, tokenizer_spec_=tok_spec,
+                                          stage="rm",
+                                          extra={"reward_centring_shift": shift,
+                                                 "ensemble_member": m})
+        mu = np.asarray([r["mu"] for r in rows])
+        sigma = np.asarray([r["sigma"] for r in rows])
+        summary = {"stage": "rm_ensemble", "steps": int(tc.steps), "members": m_count,
+                   **common.loop_summary(result), "centring_shifts": shifts, "strength_file": STRENGTH_FILE,
+                   "strength_pairs": len(rows),
+                   "strength_mu_mean": float(mu.mean()) if len(mu) else 0.0,
+                   "strength_sigma_mean": float(sigma.mean()) if len(mu) else 0.0,
+                   "strength_frac_mu_negative": float((mu < 0).mean()) if len(mu) else 0.0,
+                   "data_rejected": train_ds.report.n_rejected}
+        if pi == 0:
+            write_strength(stage_dir, rows)
+            with open(os.path.join(stage_dir, ENSEMBLE_FILE), "w") as f:
+                json.dump({"members": m_count, "member_dirs": dirs, "seed": int(config.seed),
+                           "strength_file": STRENGTH_FILE}, f, indent=2)
+            write_summary(stage_dir, summary)
+            plot_curves(stage_dir, [["loss"], ["accuracy", "ensemble_accuracy"]],
+                        title=f"Reward-model ensemble (M = {m_count})")
+        return summary, nnx.merge(graphdef, member(stacked, 0))
+
+    evaluate = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw, m_count)
+                if eval_ds is not None else None)
+    return common.Stage(name="rm_ensemble", state=state, state_sh=state_sh, step=step,
+                        batches=train_iter, total_steps=int(tc.steps), mesh=mesh,
+                        evaluate=evaluate, finish=finish)
+
+
+def run(config, stage_dir: str):
+    """Trains (or resumes) M reward models in one vmapped step, exports each to
+    stage_dir/member_<m>/hf and writes the preference strength of the training pairs."""
+    return common.run_stage(build, config, stage_dir)

@@ -23,13 +23,7 @@ def run(config, workdir: str):
     stage = config.stage
     if stage not in STAGE_MODULES:
         raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}.")
-    try:
-        module = importlib.import_module(STAGE_MODULES[stage])
-    except ModuleNotFoundError as e:
-        if e.name == STAGE_MODULES[stage]:
-            raise NotImplementedError(f"Stage {stage!r} is not available in this version of "
-                                      "jaxrlhf.") from e
-        raise
+    module = importlib.import_module(STAGE_MODULES[stage])
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     from jaxrlhf.config import resolve_data_paths

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data import load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
 from jaxrlhf.objectives import token_logprobs
@@ -64,10 +63,8 @@ def make_eval_fn(graphdef, eval_batches, mesh):
     return evaluate
 
 
-def run(config, stage_dir: str):
-    """Trains (or resumes) SFT in `stage_dir`; exports the model to `stage_dir/hf`."""
-    os.makedirs(stage_dir, exist_ok=True)
-    common.maybe_initialize_distributed(config)
+def build(config, stage_dir: str) -> common.Stage:
+    """The SFT stage: model (init_from or fresh), data, AdamW state, the jitted step."""
     mesh = common.mesh_from_config(config)
     init_dir = common.resolve_init_dir(config.init_from)
     tok_spec = common.tokenizer_spec(config, init_dir)
@@ -78,40 +75,38 @@ def run(config, stage_dir: str):
     tc = config.train
     train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
                                                      batch_size=int(tc.batch_size))
-
     graphdef = nnx.graphdef(model)
     params = common.params_of(model)
-    params_sh = common.param_shardings(model, mesh)
     optimizer, schedule = common.make_optimizer(tc)
-    state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
+    state, state_sh = common.init_train_state(params, optimizer,
+                                              common.param_shardings(model, mesh), mesh,
                                               int(config.seed))
-    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=tc.max_to_keep,
-                        save_every=tc.save_every)
-    state, _ = common.restore_or_init(ckpt, state, state_sh, train_iter)
     step = common.compile_step(
         functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
                           schedule=schedule, grad_accum=int(tc.grad_accum),
                           on_nonfinite=tc.on_nonfinite),
         state_sh, None)
-    result = common.train_loop(
-        name="sft", stage_dir=stage_dir, config=config, state=state, state_sh=state_sh,
-        step_fn=step, train_iter=train_iter, mesh=mesh,
-        eval_fn=make_eval_fn(graphdef, eval_batches, mesh) if eval_ds is not None else None,
-        total_steps=int(tc.steps), ckpt=ckpt)
-    ckpt.close()
 
-    model = nnx.merge(graphdef, result.state["params"])
-    if config.sft.export_hf:
-        common.export_stage_model(model, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
-                                  tokenizer_spec_=tok_spec, stage="sft")
-    summary = {"stage": "sft", "steps": int(tc.steps), "wall_time_s": result.wall_time,
-               "skipped_steps": result.skipped_steps,
-               **{f"train_{k}": v for k, v in result.last_metrics.items()},
-               **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
-               **{f"eval_start_{k}": v for k, v in result.start_eval_metrics.items()},
-               "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-               "data_rejected": train_ds.report.n_rejected}
-    if jax.process_index() == 0:
-        write_summary(stage_dir, summary)
-        plot_curves(stage_dir, [["loss"], ["perplexity"], ["grad_norm"]], title="SFT")
-    return summary, model
+    def finish(result):
+        model = nnx.merge(graphdef, result.state["params"])
+        if config.sft.export_hf:
+            common.export_stage_model(model, os.path.join(stage_dir, "hf"),
+                                      tokenizer=tokenizer, tokenizer_spec_=tok_spec,
+                                      stage="sft")
+        summary = {"stage": "sft", "steps": int(tc.steps), **common.loop_summary(result),
+                   "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+                   "data_rejected": train_ds.report.n_rejected}
+        if jax.process_index() == 0:
+            write_summary(stage_dir, summary)
+            plot_curves(stage_dir, [["loss"], ["perplexity"], ["grad_norm"]], title="SFT")
+        return summary, model
+
+    return common.Stage(
+        name="sft", state=state, state_sh=state_sh, step=step, batches=train_iter,
+        total_steps=int(tc.steps), mesh=mesh, finish=finish,
+        evaluate=make_eval_fn(graphdef, eval_batches, mesh) if eval_ds is not None else None)
+
+
+def run(config, stage_dir: str):
+    """Trains (or resumes) SFT in `stage_dir`; exports the model to `stage_dir/hf`."""
+    return common.run_stage(build, config, stage_dir)

@@ -17,7 +17,13 @@ from trainer_utils import load_config, read_jsonl, shrink
 from jaxrlhf.data import build_dataset
 from jaxrlhf.models import init_model, preset
 from jaxrlhf.objectives import contrastive_loss
-from jaxrlhf.trainers import common, reward, rm_ensemble, rm_toolkit, runner
+from jaxrlhf.data.preference_strength import (STRENGTH_PLOT, StrengthTable, read_strength,
+                                              write_strength)
+from jaxrlhf.models.reward import (load_ensemble, member, member_rewards, sequence_rewards,
+                                   stack_trees)
+from jaxrlhf.objectives import pair_labels, uncertainty_reward
+from jaxrlhf.rollout import ModelReward
+from jaxrlhf.trainers import common, rm_ensemble, rm_steps, runner
 
 TINY = preset("tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64)
 LOSS_KW = dict(tie_mode="skip", margin=0.0, label_smoothing=0.0)
@@ -63,10 +69,10 @@ def test_vmapped_ensemble_equals_independent_members():
                                   next(_pairs_ds().iterator(8, seed=0))["index"])
     assert not np.array_equal(batches[0]["index"][:, 0], batches[0]["index"][:, 1])
 
-    member_step = functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
+    member_step = functools.partial(rm_steps.train_step, graphdef=graphdef, optimizer=optimizer,
                                     schedule=schedule, grad_accum=1, on_nonfinite="stop",
                                     loss_kw=LOSS_KW)
-    stacked = rm_ensemble.stack_trees(members)
+    stacked = stack_trees(members)
     ens = {"step": jnp.zeros((), jnp.int32), "params": stacked,
            "opt_state": jax.vmap(optimizer.init)(stacked),
            "rng": jnp.stack([jax.random.PRNGKey(s) for s in range(m_count)])}
@@ -81,8 +87,8 @@ def test_vmapped_ensemble_equals_independent_members():
         for m in range(m_count):
             singles[m], sm = one_step(singles[m], {k: jnp.asarray(v[:, m]) for k, v in b.items()})
             losses.append(float(sm["loss"]))
-            _close(rm_ensemble.member(ens["params"], m), singles[m]["params"])
-            _close(rm_ensemble.member(ens["opt_state"], m), singles[m]["opt_state"])
+            _close(member(ens["params"], m), singles[m]["params"])
+            _close(member(ens["opt_state"], m), singles[m]["opt_state"])
         np.testing.assert_allclose(float(em["loss"]), np.mean(losses), rtol=1e-5)
     assert int(ens["step"]) == steps
 
@@ -91,7 +97,7 @@ def test_strength_statistics_match_numpy(tmp_path):
     m_count = 3
     graphdef, _ = _params(0)
     members = [_params(s)[1] for s in range(m_count)]
-    stacked = rm_ensemble.stack_trees(members)
+    stacked = stack_trees(members)
     ds = _pairs_ds()
     mesh = common.mesh_from_config(shrink(load_config("rm")))
     rows = rm_ensemble.score_strength(stacked, graphdef, ds, mesh, batch_size=16)
@@ -102,7 +108,7 @@ def test_strength_statistics_match_numpy(tmp_path):
     for b in it:
         d = []
         for p in members:
-            r = np.asarray(reward.sequence_rewards(p, graphdef, jnp.asarray(b["tokens"]),
+            r = np.asarray(sequence_rewards(p, graphdef, jnp.asarray(b["tokens"]),
                                                    jnp.asarray(b["attention_mask"])), np.float64)
             d.append(r[:, 0] - r[:, 1])
         d = np.stack(d)
@@ -112,10 +118,10 @@ def test_strength_statistics_match_numpy(tmp_path):
         assert (r["chosen"], r["rejected"]) == (0, 1)
         np.testing.assert_allclose([r["mu"], r["sigma"]], ref[r["index"]], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.mean(r["d"]), r["mu"], rtol=1e-6, atol=1e-9)
-    path = rm_ensemble.write_strength(str(tmp_path), rows)
-    back = rm_toolkit.read_strength(path)
+    path = write_strength(str(tmp_path), rows)
+    back = read_strength(path)
     assert [(r["index"], r["mu"]) for r in back] == [(r["index"], r["mu"]) for r in rows]
-    assert os.path.getsize(tmp_path / rm_ensemble.STRENGTH_PLOT) > 1000
+    assert os.path.getsize(tmp_path / STRENGTH_PLOT) > 1000
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,13 +134,13 @@ def _strength_setup(k=2):
     rng = np.random.default_rng(0)
     rows = [{"index": int(i), "chosen": 0, "rejected": 1, "mu": float(rng.normal()),
              "sigma": 0.1} for i in range(len(_pairs_ds().examples))]
-    r = np.asarray(reward.sequence_rewards(params, graphdef, jnp.asarray(b["tokens"]),
+    r = np.asarray(sequence_rewards(params, graphdef, jnp.asarray(b["tokens"]),
                                            jnp.asarray(b["attention_mask"])), np.float64)
     return graphdef, params, b, rows, r
 
 
 def _loss(params, graphdef, batch, **kw):
-    loss, _ = reward.ranking_loss(params, graphdef, {k: jnp.asarray(v) for k, v in batch.items()},
+    loss, _ = rm_steps.ranking_loss(params, graphdef, {k: jnp.asarray(v) for k, v in batch.items()},
                                   **(LOSS_KW | kw))
     return float(loss)
 
@@ -145,13 +151,13 @@ def _logsig(x):
 
 def test_flip_equals_training_on_swapped_ranks():
     graphdef, params, b, rows, _ = _strength_setup()
-    table = rm_toolkit.StrengthTable.from_rows(rows, k=2, flip_fraction=0.25)
+    table = StrengthTable.from_rows(rows, k=2, flip_fraction=0.25)
     n_flip = round(0.25 * len(rows))
     assert table.flip.sum() == n_flip
     lowest = sorted(rows, key=lambda r: r["mu"])[:n_flip]
     assert {r["index"] for r in lowest} == set(np.nonzero(table.flip[:, 0, 1])[0].tolist())
     mu, flip = table.lookup(b)
-    eps, m = rm_toolkit.pair_labels(mu, flip)
+    eps, m = pair_labels(mu, flip)
     flipped_rows = flip[:, 0, 1]
     assert 0 < flipped_rows.sum() < len(flipped_rows)   # the batch mixes both kinds
     swapped = dict(b, ranks=np.where(flipped_rows[:, None], b["ranks"][:, ::-1], b["ranks"]))
@@ -159,7 +165,7 @@ def test_flip_equals_training_on_swapped_ranks():
         _loss(params, graphdef, dict(b, pair_smoothing=eps, pair_margin=m)),
         _loss(params, graphdef, swapped), rtol=1e-6)
     # Plain per-pair arrays (nothing flipped, ε = 0, m = 0) give the default loss.
-    eps0, m0 = rm_toolkit.pair_labels(mu, np.zeros_like(flip))
+    eps0, m0 = pair_labels(mu, np.zeros_like(flip))
     np.testing.assert_allclose(_loss(params, graphdef, dict(b, pair_smoothing=eps0,
                                                             pair_margin=m0)),
                                _loss(params, graphdef, b), rtol=1e-7)
@@ -167,20 +173,20 @@ def test_flip_equals_training_on_swapped_ranks():
 
 def test_soft_labels_and_adaptive_margin_change_the_loss_as_specified():
     graphdef, params, b, rows, r = _strength_setup()
-    table = rm_toolkit.StrengthTable.from_rows(rows, k=2)
+    table = StrengthTable.from_rows(rows, k=2)
     mu, flip = table.lookup(b)
     mu01 = mu[:, 0, 1]
     diff = r[:, 0] - r[:, 1]
     # Soft labels: target p = σ(μ / T).
     t = 0.7
-    eps, m = rm_toolkit.pair_labels(mu, flip, soft_labels=True, soft_label_temperature=t)
+    eps, m = pair_labels(mu, flip, soft_labels=True, soft_label_temperature=t)
     p = 1.0 / (1.0 + np.exp(-mu01 / t))
     want = np.mean(-(p * _logsig(diff) + (1 - p) * _logsig(-diff)))
     np.testing.assert_allclose(_loss(params, graphdef, dict(b, pair_smoothing=eps,
                                                             pair_margin=m)), want, rtol=1e-5)
     # Adaptive margin: m = margin + clip(α μ, ±c).
     alpha, cmax, base = 2.0, 1.5, 0.25
-    eps, m = rm_toolkit.pair_labels(mu, flip, margin=base, adaptive_margin=alpha,
+    eps, m = pair_labels(mu, flip, margin=base, adaptive_margin=alpha,
                                     adaptive_margin_max=cmax)
     marg = base + np.clip(alpha * mu01, -cmax, cmax)
     assert np.any(np.abs(alpha * mu01) > cmax)   # the clip is exercised
@@ -190,9 +196,9 @@ def test_soft_labels_and_adaptive_margin_change_the_loss_as_specified():
     # Flipping leaves soft labels (ε and m) and the adaptive margin m unchanged; with hard
     # labels it only turns ε = 0 into ε = 1.
     all_flip = np.ones_like(flip)
-    np.testing.assert_allclose(rm_toolkit.pair_labels(mu, flip, soft_labels=True),
-                               rm_toolkit.pair_labels(mu, all_flip, soft_labels=True), atol=1e-7)
-    (e0, m0), (e1, m1) = (rm_toolkit.pair_labels(mu, f, adaptive_margin=alpha)
+    np.testing.assert_allclose(pair_labels(mu, flip, soft_labels=True),
+                               pair_labels(mu, all_flip, soft_labels=True), atol=1e-7)
+    (e0, m0), (e1, m1) = (pair_labels(mu, f, adaptive_margin=alpha)
                           for f in (flip, all_flip))
     np.testing.assert_allclose(m0, m1, atol=1e-7)
     assert np.all(e0 == 0.0) and np.all(e1 == 1.0)
@@ -202,7 +208,7 @@ def test_strength_lookup_for_rankings_and_missing_pairs():
     rows = [{"index": 3, "chosen": 2, "rejected": 0, "mu": 1.5, "sigma": 0.0},
             {"index": 3, "chosen": 0, "rejected": 1, "mu": -0.5, "sigma": 0.0},
             {"index": 3, "chosen": 2, "rejected": 1, "mu": 0.5, "sigma": 0.0}]
-    table = rm_toolkit.StrengthTable.from_rows(rows, k=3, flip_fraction=1 / 3)
+    table = StrengthTable.from_rows(rows, k=3, flip_fraction=1 / 3)
     batch = {"index": np.array([3]), "ranks": np.array([[1, 2, 0]]),
              "valid": np.ones((1, 3), np.int32)}
     mu, flip = table.lookup(batch)
@@ -222,7 +228,7 @@ def test_contrastive_term_matches_infonce_on_pair_differences():
 
     @functools.partial(jax.jit, static_argnames="dropout")
     def losses(p, batch, dropout):
-        return rm_toolkit.toolkit_ranking_loss(
+        return rm_steps.ranking_terms(
             p, graphdef, batch, **LOSS_KW, contrastive_coef=0.3, contrastive_temperature=0.1,
             contrastive_dropout=dropout)
 
@@ -256,7 +262,7 @@ def test_meta_rm_step_equals_two_step_reference(first_order=False):
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": optimizer.init(params), "rng": jax.random.PRNGKey(0)}
     new, metrics = jax.jit(functools.partial(
-        rm_toolkit.train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
+        rm_steps.train_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule,
         grad_accum=1, on_nonfinite="stop", loss_kw=LOSS_KW,
         meta={"lr": eta, "first_order": first_order}))(state, batch)
 
@@ -265,11 +271,11 @@ def test_meta_rm_step_equals_two_step_reference(first_order=False):
     mt, mm = jnp.asarray(meta["tokens"]), jnp.asarray(meta["attention_mask"])
 
     def J(p):
-        r = reward.sequence_rewards(p, graphdef, mt, mm)
+        r = sequence_rewards(p, graphdef, mt, mm)
         return jnp.mean(jax.nn.sigmoid(jnp.abs(r[:, 0] - r[:, 1])))
 
     def L(p):
-        r = reward.sequence_rewards(p, graphdef, batch["tokens"], batch["attention_mask"])
+        r = sequence_rewards(p, graphdef, batch["tokens"], batch["attention_mask"])
         return -jnp.mean(jax.nn.log_sigmoid(r[:, 0] - r[:, 1]))
 
     def adapted(p):
@@ -298,15 +304,12 @@ def test_uncertainty_reward_is_mean_minus_lambda_std():
     members = [_params(s)[1] for s in range(3)]
     b = next(_pairs_ds().iterator(8, seed=0))
     tok, mask = jnp.asarray(b["tokens"][:, 0]), jnp.asarray(b["attention_mask"][:, 0])
-    r = np.stack([np.asarray(reward.sequence_rewards(p, graphdef, tok, mask)) for p in members])
-    got = rm_ensemble.uncertainty_reward(rm_ensemble.stack_trees(members), graphdef, tok, mask,
-                                         coef=0.7)
+    r = np.stack([np.asarray(sequence_rewards(p, graphdef, tok, mask)) for p in members])
+    got = ModelReward(graphdef, ensemble_coef=0.7)(stack_trees(members), tok, mask)
     np.testing.assert_allclose(np.asarray(got), r.mean(0) - 0.7 * r.std(0), rtol=1e-5,
                                atol=1e-6)
-    from jaxrlhf.trainers import ppo
-    opts = {"reward_ensemble": True, "uncertainty_coef": 0.7}
-    np.testing.assert_allclose(np.asarray(ppo.reward_score(
-        rm_ensemble.stack_trees(members), graphdef, tok, mask, opts)), np.asarray(got))
+    np.testing.assert_allclose(np.asarray(uncertainty_reward(
+        member_rewards(stack_trees(members), graphdef, tok, mask), 0.7)), np.asarray(got))
 
 
 def test_ensemble_stage_then_rm_with_every_option(tmp_path):
@@ -319,7 +322,7 @@ def test_ensemble_stage_then_rm_with_every_option(tmp_path):
     assert summary["members"] == 2 and summary["strength_pairs"] > 0
     rows = read_jsonl(os.path.join(ens_dir, "strength.jsonl"))
     assert len(rows[0]["d"]) == 2
-    graphdef, stacked, _ = rm_ensemble.load_ensemble(ens_dir)
+    graphdef, stacked, _ = load_ensemble(ens_dir)
     assert jax.tree.leaves(stacked)[0].shape[0] == 2
 
     meta_file = tmp_path / "meta.jsonl"
