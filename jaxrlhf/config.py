@@ -22,7 +22,9 @@ are an error):
                plus any `ModelConfig` field to override (None = the preset's value);
                `dtype` / `param_dtype` / `remat` / `scan_unroll` also apply to a model loaded from init_from
   data         the training data block (`jaxrlhf.data.default_data_config`); `eval_data` the
-               held-out block (path "" = hold out `eval_fraction` of the training rows)
+               held-out block (path "" = hold out `eval_fraction` of the training rows; the
+               built-in task's test split takes every processing option of `data`; an unset
+               eval_data.on_bad_row follows data.on_bad_row)
   train        optimisation: batch_size (global), steps, grad_accum (micro-batches per step,
                exact: losses are normalised by the whole batch's token/prompt count), lr,
                warmup_steps, min_lr_ratio (cosine floor), weight_decay, b1, b2, eps,
@@ -30,7 +32,9 @@ are an error):
                (evaluate a fresh run before its first step, logged as step 0), eval_batches
                (0 = the whole held-out set), save_every, max_to_keep,
                on_nonfinite ("stop": raise naming the step and batch | "skip": leave the
-               state unchanged for that step and count it)
+               state unchanged for that step and count it), max_skipped_fraction (under
+               "skip", stop with an error once more than this fraction of the steps, at
+               least one, were dropped)
   mesh         device mesh axis sizes {data, fsdp, tensor}; one may be -1 (= the rest)
   distributed  call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is
                set in the environment)
@@ -123,6 +127,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c.eval_data = default_data_config()
     c.eval_data.path = ""
     c.eval_data.format = c.data.format
+    c.eval_data.on_bad_row = config_dict.placeholder(str)   # None: data.on_bad_row
     c.eval_fraction = 0.05
 
     t = c.train = ml_collections.ConfigDict()
@@ -144,6 +149,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     t.save_every = 500
     t.max_to_keep = 2
     t.on_nonfinite = "stop"
+    t.max_skipped_fraction = 0.1
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False
@@ -163,7 +169,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
                                  # centring that lives in the weights (HF score heads have no
                                  # bias); use it with center_on_sft=False for exact HF scores
     r.export_hf = True
-    # MOSS toolkit (jaxrlhf.trainers.rm_toolkit / rm_ensemble). Defaults: all off.
+    # MOSS options (jaxrlhf.trainers.reward / rm_ensemble). Defaults: all off.
     r.ensemble_size = 4          # rm_ensemble stage: M members (seeds and data orders seed + m)
     r.strength_file = ""         # strength.jsonl (rm_ensemble output): per-pair mean mu / std
     r.flip_fraction = 0.0        # reverse the labels of this fraction of lowest-mu pairs

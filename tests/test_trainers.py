@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer_utils import REPO, load_config, read_jsonl, shrink
+from trainer_utils import REPO, load_config, poison_batches, read_jsonl, shrink
 
 from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.models import load_hf
-from jaxrlhf.trainers import common, reward, runner, sft
+from jaxrlhf.trainers import common, runner, sft
 
 
 def _params(stage_dir):
@@ -115,30 +115,7 @@ def test_one_trace_per_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_loss(tmp_path, monkeypatch, mode):
     """A poisoned batch (byte 255, never in the data) makes the loss NaN at step 3."""
-    orig = sft.nll_sums
-
-    def poisoned(params, graphdef, batch):
-        nll, n = orig(params, graphdef, batch)
-        return jnp.where(jnp.any(batch["tokens"] == 255), jnp.nan, nll), n
-
-    monkeypatch.setattr(sft, "nll_sums", poisoned)
-    orig_iter = common.data_iterators
-
-    def patched(config, train_ds, eval_ds, *, batch_size):
-        it, ev = orig_iter(config, train_ds, eval_ds, batch_size=batch_size)
-        at = it.batch_at
-
-        def batch_at(epoch, position):
-            b = at(epoch, position)
-            if position == 2:
-                b["tokens"] = b["tokens"].copy()
-                b["tokens"][0, 1] = 255
-            return b
-
-        it.batch_at = batch_at
-        return it, ev
-
-    monkeypatch.setattr(common, "data_iterators", patched)
+    poison_batches(monkeypatch, lambda position: position == 2)
     cfg = shrink(load_config("sft"), steps=5)
     cfg.train.on_nonfinite = mode
     wd = str(tmp_path / "w")

@@ -83,3 +83,37 @@ def tiny_stage_dirs(root):
                            tokenizer=tok, tokenizer_spec_="byte", stage=name)
         out[name] = d
     return out
+
+
+def poison_batches(monkeypatch, poisoned_position):
+    """Makes the SFT loss NaN on every training batch whose position within its epoch
+    satisfies `poisoned_position(position)`: such batches get byte 255 (never in the data) and
+    the patched `sft.nll_sums` turns a batch holding it into a NaN loss."""
+    import jax.numpy as jnp
+
+    from jaxrlhf.trainers import common, sft
+
+    orig = sft.nll_sums
+
+    def poisoned(params, graphdef, batch):
+        nll, n = orig(params, graphdef, batch)
+        return jnp.where(jnp.any(batch["tokens"] == 255), jnp.nan, nll), n
+
+    monkeypatch.setattr(sft, "nll_sums", poisoned)
+    orig_iter = common.data_iterators
+
+    def patched(config, train_ds, eval_ds, *, batch_size):
+        it, ev = orig_iter(config, train_ds, eval_ds, batch_size=batch_size)
+        at = it.batch_at
+
+        def batch_at(epoch, position):
+            b = at(epoch, position)
+            if poisoned_position(position):
+                b["tokens"] = b["tokens"].copy()
+                b["tokens"][0, 1] = 255
+            return b
+
+        it.batch_at = batch_at
+        return it, ev
+
+    monkeypatch.setattr(common, "data_iterators", patched)

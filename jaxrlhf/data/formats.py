@@ -284,8 +284,32 @@ def _read_with_datasets(path: str) -> Iterator[RawRow]:
         raise
     except Exception as e:  # a file that cannot be parsed at all: never skipped silently
         raise BadRowError(path, 0, "unreadable_file", f"{type(e).__name__}: {e}") from e
+    if path.endswith(".csv"):
+        lines = _csv_record_lines(path)
+        if len(lines) != len(ds):  # the two parsers disagree: assume one line per record
+            lines = [i + 1 for i in range(1, len(ds) + 1)]
+        for line, row in zip(lines, ds):
+            yield RawRow(path, line, row, row, from_csv=True)
+        return
     for i, row in enumerate(ds, start=1):
-        yield RawRow(path, i, row, row, from_csv=path.endswith(".csv"))
+        yield RawRow(path, i, row, row)
+
+
+def _csv_record_lines(path: str) -> list[int]:
+    """The physical line each data record of a CSV file starts on (the header is line 1;
+    quoted cells may span lines; blank lines hold no record)."""
+    import csv
+
+    starts = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        end = reader.line_num
+        for record in reader:
+            if record:
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
 
 
 def _check_utf8_lines(path: str) -> None:

@@ -359,6 +359,29 @@ def _hf_names(rule: _Rule, layer: Optional[int], prefix: str) -> Tuple[str, ...]
 
 
 # ----------------------------------------------------------------------------------------
+# File reading with errors that name the file.
+
+def read_json(path: str):
+    """A JSON file's content; a malformed file raises ValueError naming it."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the directory is damaged: "
+                         "re-export or re-download it.") from None
+
+
+def open_safetensors(path: str):
+    """safetensors' `safe_open` (NumPy); an unreadable file raises ValueError naming it."""
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError)
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{e}); it may be truncated or corrupt: re-export or re-download "
+                         "it.") from None
+
+
+# ----------------------------------------------------------------------------------------
 # safetensors reading.
 
 def read_safetensors_raw(path: str, name: str) -> np.ndarray:
@@ -384,8 +407,7 @@ class _Checkpoint(contextlib.ExitStack):
         self.path = path
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
+            weight_map = read_json(index)["weight_map"]
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if "model.safetensors" in files:
@@ -398,7 +420,7 @@ class _Checkpoint(contextlib.ExitStack):
                     "`save_pretrained(..., safe_serialization=True)`.")
             weight_map = {}
             for file in files:
-                with safe_open(os.path.join(path, file), framework="numpy") as fh:
+                with open_safetensors(os.path.join(path, file)) as fh:
                     weight_map.update({k: file for k in fh.keys()})
         self.weight_map: Dict[str, str] = dict(weight_map)
         self.files = sorted(set(self.weight_map.values()))
@@ -408,7 +430,7 @@ class _Checkpoint(contextlib.ExitStack):
         file = self.weight_map[name]
         if file not in self._open:
             self._open[file] = self.enter_context(
-                safe_open(os.path.join(self.path, file), framework="numpy"))
+                open_safetensors(os.path.join(self.path, file)))
         try:
             return self._open[file].get_tensor(name)
         except Exception:  # noqa: BLE001  (a dtype this safetensors cannot give to numpy)
@@ -445,8 +467,7 @@ def load_hf(path: str, head: str = "lm", dtype=None, *, param_dtype=None, mesh=N
         raise FileNotFoundError(
             f"{config_file} does not exist. load_hf reads local checkpoint directories only "
             "(download a Hub model first, e.g. huggingface_hub.snapshot_download).")
-    with open(config_file) as fh:
-        hf_config = json.load(fh)
+    hf_config = read_json(config_file)
     cfg = config_from_hf(hf_config, dtype=_dtype_name(dtype, "float32"),
                          param_dtype=_dtype_name(param_dtype, "float32"))
     prefix = _ARCHITECTURES[cfg.family][2]
