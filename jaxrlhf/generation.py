@@ -235,99 +235,28 @@ def _constrain(x, axes, opts: _Options):
     return jax.lax.with_sharding_constraint(x, NamedSharding(opts.mesh, spec))
 
 
-class _LayerCache(NamedTuple):
-    """Decode cache: per-layer k/v buffers [B, K, S, Dh] (a tuple of L each), mask [B, S]
-    (1 where a slot holds a real token) and index (next slot to write).
-
-    Kv-head-major buffers are the layout the attention matmuls want (batch dims b, k
-    leading), so XLA reads them in place; a [B, S, K, Dh] buffer is transposed (copied)
-    per layer and step.
-    """
-    k: tuple
-    v: tuple
-    mask: jax.Array
-    index: jax.Array
-
-
-def _unstacked_blocks(model: Transformer) -> list:
-    """The L decoder blocks as separate modules holding per-layer (unstacked) weights.
-
-    Why not the model's layer scan here: inside the decode `while_loop`, a scan slices each
-    layer's weights out of the stacked arrays with a dynamic index, and XLA (CPU) copies that
-    slice before every matmul — every step then reads and writes all weights once more, 3x
-    the memory traffic of the matmuls alone. Slicing once per rollout, outside the loop,
-    and unrolling the L layers in the step leaves only the reads the matmuls need. Compile
-    time grows with L, which is acceptable for one step function.
-    """
-    graphdef, state = nnx.split(model.layers)
-    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
-            for i in range(model.cfg.n_layers)]
-
-
-def _forward_cached(model: Transformer, blocks, tokens_BxT, mask_BxT, positions_BxT,
-                    cache: _LayerCache, select=None):
-    """`Transformer.hidden_cached` over unstacked layers: T new tokens are written to slots
-    [index, index + T); query i attends slot j when j <= index + i and slot j is real.
-    Returns (final-norm hidden [B, T, D], updated cache); with `select` (as in
-    `Transformer.hidden`) the hidden states of those rows only, [B, Q, D] (the last layer's
-    queries and MLP then run there only; every layer's keys and values are cached)."""
-    t = tokens_BxT.shape[1]
-    s = cache.mask.shape[1]
-    start = cache.index
-    zero = jnp.zeros((), jnp.int32)
-    kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask_BxT, (zero, start))
-    slot = jnp.arange(s, dtype=jnp.int32)
-    qpos = start + jnp.arange(t, dtype=jnp.int32)
-    allowed_BxTxS = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
-    x = model.embed_tokens(tokens_BxT, positions_BxT)
-    new_k, new_v = [], []
-    for i, (block, k_cache, v_cache) in enumerate(zip(blocks, cache.k, cache.v)):
-        def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache):
-            ks = jax.lax.dynamic_update_slice(
-                k_cache, jnp.swapaxes(k_BxTxKxDh, 1, 2).astype(k_cache.dtype),
-                (zero, zero, start, zero))
-            vs = jax.lax.dynamic_update_slice(
-                v_cache, jnp.swapaxes(v_BxTxKxDh, 1, 2).astype(v_cache.dtype),
-                (zero, zero, start, zero))
-            new_k.append(ks)
-            new_v.append(vs)
-            dt = k_BxTxKxDh.dtype  # attend takes [B, S, K, Dh]; XLA folds the swap away
-            return (jnp.swapaxes(ks, 1, 2).astype(dt), jnp.swapaxes(vs, 1, 2).astype(dt),
-                    allowed_BxTxS)
-        x = block(x, positions_BxT, kv_fn, select if i == len(blocks) - 1 else None)
-    cache = _LayerCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
-    return model.final_norm(x), cache
-
-
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Options):
     global trace_count
     trace_count += 1
     model = nnx.merge(graphdef, state)
     if getattr(model, "head", None) != "lm":
         raise ValueError("generate needs a Transformer with the 'lm' head.")
-    cfg = model.cfg
     b, p = prompt_BxP.shape
     n = opts.max_new_tokens
     sample = dict(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                   greedy=opts.greedy)
 
     # Cache sized exactly P + N; the whole prompt is prefilled at once.
-    blocks = _unstacked_blocks(model)
-    kv_shape = (b, cfg.n_kv_heads, p + n, cfg.dim_per_head)
+    layers = model.unstacked_layers()
     kv_axes = ("batch", "kv_heads", "length", "head_dim")
-
-    def zeros_kv():
-        return _constrain(jnp.zeros(kv_shape, cfg.jnp_dtype), kv_axes, opts)
-
-    cache = _LayerCache(k=tuple(zeros_kv() for _ in blocks), v=tuple(zeros_kv() for _ in blocks),
-                        mask=jnp.zeros((b, p + n), jnp.int32), index=jnp.zeros((), jnp.int32))
+    cache = model.init_cache(b, p + n, place=lambda x: _constrain(x, kv_axes, opts))
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     # The first token comes from each row's last real token (any padding layout): the
     # prefill's last layer runs only there.
     last = jnp.max(jnp.where(prompt_mask_BxP > 0, jnp.arange(p, dtype=jnp.int32), 0), axis=-1)
-    h_Bx1xD, cache = _forward_cached(model, blocks, prompt_BxP, prompt_mask_BxP,
-                                     positions_from_mask(prompt_mask_BxP), cache,
-                                     select=last[:, None])
+    h_Bx1xD, cache = model.hidden_cached(prompt_BxP, prompt_mask_BxP,
+                                         positions_from_mask(prompt_mask_BxP), cache,
+                                         select=last[:, None], layers=layers)
 
     def sample_next(h_Bx1xD, noise_state):
         logits_BxV = model.apply_head(h_Bx1xD)[:, 0]
@@ -357,8 +286,8 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     def body(carry):
         i, cache, tok_B, pos_B, done_B, lengths_B, tokens_BxN, logps_BxN, noise_state = carry
         # Finished rows keep decoding their own (valid) last token; outputs are masked below.
-        h_Bx1xD, cache = _forward_cached(model, blocks, tok_B[:, None], ones_Bx1,
-                                         pos_B[:, None], cache)
+        h_Bx1xD, cache = model.hidden_cached(tok_B[:, None], ones_Bx1, pos_B[:, None], cache,
+                                             layers=layers)
         new_B, logp_B, noise_state = sample_next(h_Bx1xD, noise_state)
         live_B = ~done_B
         zero = jnp.zeros((), jnp.int32)

@@ -145,15 +145,12 @@ def test_kv_cache_decoding_matches_full_forward(model):
     want = np.asarray(model(all_toks, all_mask))
     pos = positions_from_mask(all_mask)
 
-    blocks = gen._unstacked_blocks(model)
-    shape = (3, CFG.n_kv_heads, 12, CFG.dim_per_head)
-    cache = gen._LayerCache(k=tuple(jnp.zeros(shape) for _ in blocks),
-                            v=tuple(jnp.zeros(shape) for _ in blocks),
-                            mask=jnp.zeros((3, 12), jnp.int32), index=jnp.int32(0))
+    layers = model.unstacked_layers()
+    cache = model.init_cache(3, 12)
     got = []
     for lo, hi in [(0, 7), (7, 8), (8, 11), (11, 12)]:
-        h, cache = gen._forward_cached(model, blocks, all_toks[:, lo:hi], all_mask[:, lo:hi],
-                                       pos[:, lo:hi], cache)
+        h, cache = model.hidden_cached(all_toks[:, lo:hi], all_mask[:, lo:hi], pos[:, lo:hi],
+                                       cache, layers=layers)
         got.append(model.apply_head(h))
     got = np.asarray(jnp.concatenate(got, axis=1))
     real = np.asarray(all_mask) > 0

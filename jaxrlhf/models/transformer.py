@@ -305,14 +305,16 @@ class Block(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    """Key/value cache of all layers, a plain pytree (jit/scan friendly).
+    """Key/value cache of a decoder, a plain pytree (jit / while_loop friendly).
 
-    k, v: [L, B, S, K, Dh] in the compute dtype. mask: [B, S] int32, 1 where a slot holds a
-    real (non-padding) token. index: int32 scalar, the next slot to write; every row writes
+    k, v: per-layer buffers [B, K, S, Dh] (tuples of L), kv-head-major: the layout the
+    attention matmuls read in place (batch dims b, k leading), where a [B, S, K, Dh] buffer
+    would be transposed (copied) per layer and step. mask: [B, S] int32, 1 where a slot holds
+    a real (non-padding) token. index: int32 scalar, the next slot to write; every row writes
     the same slot (prompts are left-padded), so slot order is causal order.
     """
-    k: jax.Array
-    v: jax.Array
+    k: tuple
+    v: tuple
     mask: jax.Array
     index: jax.Array
 
@@ -453,49 +455,70 @@ class Transformer(nnx.Module):
         return self.apply_head(self.hidden(tokens_BxT, mask_BxT, positions_BxT))
 
     # ----------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    # Cached (incremental) forward, for decoding.
+
+    def init_cache(self, batch: int, max_len: int, dtype=None, place=None) -> KVCache:
+        """An empty cache of `max_len` slots; `place` (e.g. a sharding constraint) is applied
+        to every k / v buffer."""
         cfg = self.cfg
-        dtype = dtype or cfg.jnp_dtype
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.dim_per_head)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)
+        place = place or (lambda x: x)
+        zeros = lambda: place(jnp.zeros(shape, dtype or cfg.jnp_dtype))
+        layers = range(cfg.n_layers)
+        return KVCache(k=tuple(zeros() for _ in layers), v=tuple(zeros() for _ in layers),
                        mask=jnp.zeros((batch, max_len), jnp.int32),
                        index=jnp.zeros((), jnp.int32))
 
-    def hidden_cached(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache):
-        """Runs T new tokens against the cache; returns (hidden [B,T,D], updated cache).
+    def unstacked_layers(self) -> list:
+        """The L decoder blocks as separate modules holding per-layer (unstacked) weights.
 
-        The new tokens are written to slots [index, index + T). Query i may attend slot j
-        when j <= index + i and slot j holds a real token.
+        Why the cached forward does not scan the stacked layers: inside a decode
+        `while_loop`, a scan slices each layer's weights out of the stacked arrays with a
+        dynamic index, and XLA (CPU) copies that slice before every matmul — every step then
+        reads and writes all weights once more, 3x the memory traffic of the matmuls alone.
+        Slicing once per rollout, outside the loop, and unrolling the L layers in the step
+        leaves only the reads the matmuls need. Compile time grows with L.
         """
-        b, t = tokens_BxT.shape
-        s = cache.k.shape[2]
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+                for i in range(self.cfg.n_layers)]
+
+    def hidden_cached(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache, *,
+                      select=None, layers=None):
+        """Runs T new tokens against the cache: they are written to slots [index, index + T);
+        query i attends slot j when j <= index + i and slot j holds a real token. Returns
+        (final-norm hidden [B, T, D], updated cache); with `select` (as in `hidden`) the
+        hidden states of those rows only, [B, Q, D] (the last layer's queries and MLP then
+        run there only; every layer's keys and values are cached). `layers` are the
+        `unstacked_layers()` (taken once by a caller that decodes many steps)."""
+        layers = self.unstacked_layers() if layers is None else layers
+        t = tokens_BxT.shape[1]
+        s = cache.mask.shape[1]
         start = cache.index
+        zero = jnp.zeros((), jnp.int32)
         kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask_BxT.astype(jnp.int32),
-                                               (0, start))
+                                               (zero, start))
         slot = jnp.arange(s, dtype=jnp.int32)
         qpos = start + jnp.arange(t, dtype=jnp.int32)
-        allowed = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
-
-        def kv_fn_for_layer(extra, idx):
-            box = {}
-
-            def kv_fn(k, v):
-                ks, vs = extra
-                zero = jnp.zeros((), jnp.int32)
-                ks = jax.lax.dynamic_update_slice(
-                    ks, k.astype(ks.dtype)[None], (idx, zero, start, zero, zero))
-                vs = jax.lax.dynamic_update_slice(
-                    vs, v.astype(vs.dtype)[None], (idx, zero, start, zero, zero))
-                box["extra"] = (ks, vs)
-                dt = k.dtype
-                return ks[idx].astype(dt), vs[idx].astype(dt), allowed
-
-            return kv_fn, (lambda: box["extra"])
-
+        allowed_BxTxS = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
         x = self.embed_tokens(tokens_BxT, positions_BxT)
-        x, (ks, vs) = self._run_layers(x, positions_BxT, kv_fn_for_layer, (cache.k, cache.v))
-        new_cache = KVCache(k=ks, v=vs, mask=kv_mask, index=start + t)
-        return self.final_norm(x), new_cache
+        new_k, new_v = [], []
+        for i, (block, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
+            def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache):
+                ks = jax.lax.dynamic_update_slice(
+                    k_cache, jnp.swapaxes(k_BxTxKxDh, 1, 2).astype(k_cache.dtype),
+                    (zero, zero, start, zero))
+                vs = jax.lax.dynamic_update_slice(
+                    v_cache, jnp.swapaxes(v_BxTxKxDh, 1, 2).astype(v_cache.dtype),
+                    (zero, zero, start, zero))
+                new_k.append(ks)
+                new_v.append(vs)
+                dt = k_BxTxKxDh.dtype  # attend takes [B, S, K, Dh]; XLA folds the swap away
+                return (jnp.swapaxes(ks, 1, 2).astype(dt), jnp.swapaxes(vs, 1, 2).astype(dt),
+                        allowed_BxTxS)
+            x = block(x, positions_BxT, kv_fn, select if i == len(layers) - 1 else None)
+        cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
+        return self.final_norm(x), cache
 
     def decode(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache):
         """Cached forward: (logits_BxTxV or scores_BxT, updated cache)."""
