@@ -63,6 +63,6 @@ def pretrained_defaults(c):
     c.rm.center_loss_coef = 0.01    # centring in the weights: HF scores equal jaxrlhf's
     c.rm.center_on_sft = False
     c.rm.center_examples = 64
-    c.model.remat = "full"          # recompute each layer in the backward pass: SmolLM2-135M
-                                    # SFT step 7.2 -> 4.1 GB peak RSS at the same step time
-                                    # (tools/bench_memory.py)
+    c.model.remat = "full"          # recompute each layer in the backward pass: less peak
+                                    # memory at about the same step time (README: "Memory
+                                    # at real-model scale")

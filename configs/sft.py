@@ -60,6 +60,6 @@ def pretrained_defaults(c):
     c.train.eval_every = 0          # eval at step 0 and at the end
     c.train.eval_batches = 8        # the first 64 held-out rows
     c.train.save_every = 50
-    c.model.remat = "full"          # recompute each layer in the backward pass: SmolLM2-135M
-                                    # SFT step 7.2 -> 4.1 GB peak RSS at the same step time
-                                    # (tools/bench_memory.py)
+    c.model.remat = "full"          # recompute each layer in the backward pass: less peak
+                                    # memory at about the same step time (README: "Memory
+                                    # at real-model scale")

@@ -17,5 +17,6 @@ def get_config(arg=None):
     c.pipeline.iterations = a.rounds
     for name in ("sft", "rm", "ppo"):
         for block in ("data", "eval_data", "ptx_data"):
-            c.pipeline[name][block].synthetic.seed = a.seed
+            if block in c.pipeline[name]:   # ptx_data: PPO only
+                c.pipeline[name][block].synthetic.seed = a.seed
     return c

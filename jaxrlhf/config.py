@@ -25,20 +25,17 @@ are an error):
                held-out block (path "" = hold out `eval_fraction` of the training rows; the
                built-in task's test split takes every processing option of `data`; an unset
                eval_data.on_bad_row follows data.on_bad_row)
-  train        optimisation: batch_size (global), steps, grad_accum (micro-batches per step,
-               exact: losses are normalised by the whole batch's token/prompt count), lr,
-               warmup_steps, min_lr_ratio (cosine floor), weight_decay, b1, b2, eps,
-               grad_clip (global norm; 0 = off), log_every, eval_every, eval_at_start
-               (evaluate a fresh run before its first step, logged as step 0), eval_batches
-               (0 = the whole held-out set), save_every, max_to_keep,
-               on_nonfinite ("stop": raise naming the step and batch | "skip": leave the
-               state unchanged for that step and count it), max_skipped_fraction (under
-               "skip", stop with an error once more than this fraction of the steps, at
-               least one, were dropped)
+  train        optimisation and the loop (`jaxrlhf.options.TrainOptions`: every field, its
+               default and its meaning)
   mesh         device mesh axis sizes {data, fsdp, tensor}; one may be -1 (= the rest)
   distributed  call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is
                set in the environment)
-  sft / rm     stage-specific options (see `jaxrlhf.trainers.sft` / `.reward`)
+  sft | rm | ppo (+ ptx_data)   the stage's own block, only in configs of that stage
+               (`jaxrlhf.options`: SFTOptions, RMOptions for rm and rm_ensemble with the
+               rm.center_data data block, PPOOptions)
+
+Each stage checks its blocks once at start-up (`jaxrlhf.options.parse`): a wrong type or value
+is one error naming the field.
 """
 from __future__ import annotations
 
@@ -51,6 +48,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.options import (PPOOptions, RMOptions, SFTOptions, TrainOptions,
+                             config_block)
 
 STAGES = ("sft", "rm", "ppo", "pipeline", "rm_ensemble")
 DATA_ROOT_ENV = "JAXRLHF_DATA_ROOT"
@@ -117,7 +116,8 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c.stage = stage
     c.seed = 0
     c.data_root = default_data_root()
-    c.init_from = ""
+    if stage != "ppo":   # PPO starts from ppo.actor_init / reward_init
+        c.init_from = ""
     c.tokenizer = "byte"
     c.model = _model_block()
 
@@ -128,126 +128,25 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c.eval_data.path = ""
     c.eval_data.format = c.data.format
     c.eval_data.on_bad_row = config_dict.placeholder(str)   # None: data.on_bad_row
-    c.eval_fraction = 0.05
+    if stage != "ppo":   # PPO's held-out prompts are eval_data's (or the built-in test split)
+        c.eval_fraction = 0.05
 
-    t = c.train = ml_collections.ConfigDict()
-    t.batch_size = 32
-    t.steps = 1000
-    t.grad_accum = 1
-    t.lr = 1e-3
-    t.warmup_steps = 50
-    t.min_lr_ratio = 0.1
-    t.weight_decay = 0.01
-    t.b1 = 0.9
-    t.b2 = 0.95
-    t.eps = 1e-8
-    t.grad_clip = 1.0
-    t.log_every = 50
-    t.eval_every = 250
-    t.eval_at_start = True
-    t.eval_batches = 0
-    t.save_every = 500
-    t.max_to_keep = 2
-    t.on_nonfinite = "stop"
-    t.max_skipped_fraction = 0.1
-
+    c.train = config_block(TrainOptions)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False
 
-    c.sft = ml_collections.ConfigDict()
-    c.sft.export_hf = True
-
-    r = c.rm = ml_collections.ConfigDict()
-    r.tie_mode = "skip"          # ties give no pair ("skip") or a 0.5 soft label ("soft")
-    r.margin = 0.0               # constant margin m in -log σ(r_w - r_l - m)
-    r.label_smoothing = 0.0      # ε in -(1-ε) log σ(Δ) - ε log σ(-Δ)
-    r.center_on_sft = True       # set the score bias so SFT demonstrations score 0 on average
-    r.center_data = default_data_config()   # SFT demonstrations used for centring
-    r.center_data.format = "sft"
-    r.center_examples = 512      # at most this many demonstrations are scored for centring
-    r.center_loss_coef = 0.0     # c > 0: + c * mean over prompts of (mean reward)^2 in the loss,
-                                 # centring that lives in the weights (HF score heads have no
-                                 # bias); use it with center_on_sft=False for exact HF scores
-    r.export_hf = True
-    # MOSS options (jaxrlhf.trainers.reward / rm_ensemble). Defaults: all off.
-    r.ensemble_size = 4          # rm_ensemble stage: M members (seeds and data orders seed + m)
-    r.strength_file = ""         # strength.jsonl (rm_ensemble output): per-pair mean mu / std
-    r.flip_fraction = 0.0        # reverse the labels of this fraction of lowest-mu pairs
-    r.soft_labels = False        # target P(chosen > rejected) = sigmoid(mu / soft_label_temperature)
-    r.soft_label_temperature = 1.0
-    r.adaptive_margin = 0.0      # alpha > 0: margin += clip(alpha * mu, +-adaptive_margin_max)
-    r.adaptive_margin_max = 5.0
-    r.contrastive_coef = 0.0     # + coef * SimCSE InfoNCE on pair differences of hidden states
-    r.contrastive_temperature = 0.05
-    r.contrastive_dropout = 0.1  # feature dropout that makes the two SimCSE views
-    r.meta_rm = False            # MetaRM: ascent on the difference loss of policy samples first
-    r.meta_data = ""             # file of {prompt, responses: [...]} policy samples, or
-    r.meta_actor = ""            # a stage/HF dir to sample rm.meta_k responses per prompt from
-    r.meta_num_prompts = 256     # prompts sampled from meta_actor
-    r.meta_k = 2
-    r.meta_max_new_tokens = 16
-    r.meta_temperature = 1.0
-    r.meta_batch_size = 16       # meta rows per step
-    r.meta_lr = 0.01             # eta of the inner ascent step theta' = theta + eta grad J
-    r.meta_first_order = False   # drop the second-order term of the MetaRM gradient
-
-    c.ppo = ppo_block()
-    c.ptx_data = default_data_config()      # pretraining text for the ptx term (ppo.ptx_coef)
-    c.ptx_data.format = "ptx"
+    # Only the blocks the stage reads.
+    if stage == "sft":
+        c.sft = config_block(SFTOptions)
+    if stage in ("rm", "rm_ensemble"):
+        c.rm = config_block(RMOptions)
+        c.rm.center_data = default_data_config()   # SFT demonstrations used for centring
+        c.rm.center_data.format = "sft"
+    if stage == "ppo":
+        c.ppo = config_block(PPOOptions)
+        c.ptx_data = default_data_config()      # pretraining text for the ptx term (ppo.ptx_coef)
+        c.ptx_data.format = "ptx"
     return c
-
-
-def ppo_block() -> ml_collections.ConfigDict:
-    """PPO-ptx options; every default documented here."""
-    p = ml_collections.ConfigDict()
-    p.actor_init = ""          # SFT stage dir or HF dir: actor and frozen reference
-    p.reward_init = ""         # RM stage dir or HF dir (score head): frozen reward model
-    p.reward_ensemble = ""     # an rm_ensemble stage dir; score = mean - coef * std
-    p.uncertainty_coef = 0.0   # lambda of the ensemble score (0 = the ensemble mean)
-    p.critic_init = ""         # "" = reward_init (InstructGPT: critic starts from the RM)
-    p.ref_init = ""            # "" = actor_init; iterated RLHF keeps the SFT model as reference
-    p.critic = "separate"      # "separate" model, or "shared": value head on the actor's trunk
-    p.iterations = 100         # PPO iterations (rollout + updates)
-    p.rollout_batch = 32       # prompts per iteration (global)
-    p.minibatch_size = 16      # rollouts per update (global); rollout_batch % minibatch_size == 0
-    p.ppo_epochs = 2           # passes over each rollout batch
-    p.grad_accum = 1           # micro-batches per update (exact)
-    p.fused_first_update = True  # with one minibatch (minibatch_size == rollout_batch) and
-                               # grad_accum 1: the scoring pass's actor/critic forwards are
-                               # reused by the first update (two forwards fewer; same math)
-    p.max_new_tokens = 16
-    p.temperature = 1.0        # sampling distribution of the rollout AND of pi_old / pi_theta
-    p.top_k = 0
-    p.top_p = 1.0
-    p.kl_coef = 0.05           # beta (initial beta for the adaptive controller)
-    p.kl_estimator = "k1"      # "k1" | "k2" | "k3" per-token KL in the reward
-    p.kl_controller = "fixed"  # "fixed" | "adaptive" (Ziegler et al. 2019)
-    p.kl_target = 6.0          # adaptive: target KL per sequence (nats)
-    p.kl_horizon = 10000       # adaptive: horizon in samples
-    p.gamma = 1.0
-    p.lam = 0.95
-    p.clip_eps = 0.2
-    p.dual_clip = 0.0          # 0 = off; else the dual-clip constant c > 1 (Ye et al. 2020)
-    p.vf_clip_eps = 0.2
-    p.vf_coef = 0.5
-    p.entropy_coef = 0.0       # entropy bonus
-    p.ptx_coef = 0.0           # gamma_ptx; 0 = plain PPO
-    p.ptx_batch_size = 16
-    p.loss_agg = "token_mean"  # "token_mean" | "seq_mean" | "seq_sum"
-    p.whiten_advantages = True
-    p.reward_clip = 0.0        # 0 = off; else clip the score to +-reward_clip
-    p.reward_norm = "none"     # "none" | "running": divide scores by the running std (and
-                               # subtract the running mean) of all scores seen so far
-    p.missing_eos_penalty = 1.0  # subtracted from the score of a response without EOS
-    p.actor_lr = 1e-4
-    p.critic_lr = 1e-4
-    p.warmup_iterations = 0
-    p.sample_every = 10        # print / write sample generations every n iterations
-    p.gold_reward = True       # built-in task: log the gold reward of every rollout
-    p.eval_prompts = 256       # held-out prompts scored before PPO (the SFT policy), every
-                               # train.eval_every iterations, and at the end (the first
-                               # eval_prompts of eval_data, rounded up to whole rollout batches)
-    return p
 
 
 def sibling_config(config_file: str, name: str):

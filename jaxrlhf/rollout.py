@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.generation import generate, sampling_logprobs
+from jaxrlhf.sharding import host_array
 from jaxrlhf.models.reward import member_rewards, sequence_rewards
 from jaxrlhf.objectives.uncertainty import uncertainty_reward
 
@@ -51,14 +52,6 @@ class Sampling:
 
     def logprob_kw(self) -> Dict[str, Any]:
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-
-
-def host_array(x) -> np.ndarray:
-    """All of a global array on every host as NumPy (an all-gather when it spans processes)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def sample(policy, prompt_tokens, prompt_mask, rng, sampling: Sampling, *, eos_id, pad_id: int,

@@ -171,3 +171,11 @@ def shard_batch(batch, mesh: Mesh, rules: Optional[Rules] = None):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def host_array(x) -> np.ndarray:
+    """All of a global array on every host as NumPy (an all-gather when it spans processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -115,7 +115,7 @@ def test_relative_data_paths_resolve_under_the_data_root(tmp_path, monkeypatch):
     assert cfg.pipeline.sft.data.path == cfg.pipeline.rm.data.path == want
     assert cfg.pipeline.ppo.data.path == want
     assert cfg.pipeline.sft.eval_data.path == "hh-rlhf-harmless/test.jsonl.gz"  # absent: kept
-    assert cfg.pipeline.sft.ptx_data.path == "synthetic"
+    assert cfg.pipeline.ppo.ptx_data.path == "synthetic"   # (ptx_data: PPO configs only)
     monkeypatch.delenv("JAXRLHF_DATA_ROOT")
     assert default_data_root() == os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
     with pytest.raises(ValueError, match="model=<local HF model directory>"):

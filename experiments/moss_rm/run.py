@@ -1,4 +1,4 @@
-"""MOSS reward-model techniques against a plain Bradley–Terry RM (issue 8).
+"""MOSS reward-model techniques against a plain Bradley–Terry RM.
 
   python experiments/moss_rm/run.py --task synthetic --workdir /tmp/moss_rm   # built-in task
   python experiments/moss_rm/run.py --task hh --workdir /tmp/moss_rm_hh       # HH harmless

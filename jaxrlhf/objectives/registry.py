@@ -7,9 +7,11 @@ Kinds and what their functions look like:
     "loss_agg":  (loss_BxT, mask_BxT, *, num_tokens=None, num_seqs=None) -> scalar
 
 The built-in entries are registered by the modules that define them (`advantages.py`, `kl.py`,
-`aggregation.py`) when `jaxrlhf.objectives` is imported. Example:
+`aggregation.py`) when `jaxrlhf.objectives` is imported. The PPO options name them
+(`ppo.advantage_estimator`, `ppo.kl_estimator`, `ppo.loss_agg`; checked against `names(kind)`).
+Example:
 
-    advantage_fn = registry.get("advantage", cfg.ppo.advantage_estimator)   # "gae"
+    advantage_fn = registry.get("advantage", "gae")
 """
 from __future__ import annotations
 

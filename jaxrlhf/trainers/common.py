@@ -1,5 +1,10 @@
-"""What SFT, reward-model and PPO training share: model setup, optimizer, train state,
-exact gradient accumulation, sharded jit, the checkpointed train loop.
+"""What every stage shares: model, tokenizer and data set-up, optimizer, train state, exact
+gradient accumulation, sharded jit, HF export, and the one loop.
+
+A stage is a module with `build(config, stage_dir) -> Stage` (state and its shardings, the
+jitted step, the batch iterator, evaluate, finish) and `run = run_stage(build, ...)`;
+`run_stage` owns resume, SIGTERM, logging, evaluation cadence, checkpoints and the
+non-finite policy for all of them.
 
 Train state: a plain dict pytree {"step", "params", "opt_state", "rng"} (PPO adds more), so
 it checkpoints with orbax as it is. `params` is the model's pure state dict
@@ -30,6 +35,7 @@ from jaxrlhf.config import model_config_from
 from jaxrlhf.data.formats import REJECTS_FILENAME
 from jaxrlhf.metrics import MetricsLogger
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.options import TrainOptions, parse
 
 META_FILE = "jaxrlhf.json"   # written next to an HF export: tokenizer and stage provenance
 
@@ -47,7 +53,7 @@ class NonFiniteLoss(FloatingPointError):
 
 def maybe_initialize_distributed(config) -> None:
     """jax.distributed.initialize() when the config or the environment asks for it."""
-    wanted = bool(config.get("distributed", False)) or bool(
+    wanted = bool(config.distributed) or bool(
         os.environ.get("JAX_COORDINATOR_ADDRESS"))
     if not wanted:
         return
@@ -158,7 +164,7 @@ def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
     from jaxrlhf.models.hf_io import score_pad_id
     if jax.process_count() > 1:  # gather the sharded params on every host (collective)
         graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, jax.tree.map(host_array, state))
+        model = nnx.merge(graphdef, jax.tree.map(shd.host_array, state))
     if jax.process_index() == 0:
         hf_tok = getattr(tokenizer, "hf", None)
         meta = {"stage": stage, "tokenizer": tokenizer_spec_,
@@ -189,6 +195,11 @@ def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
 
 # ------------------------------------------------------------------------------------------
 # Optimizer and state.
+
+def train_options(config) -> TrainOptions:
+    """config.train, checked (`jaxrlhf.options.TrainOptions`)."""
+    return parse(TrainOptions, config.train, "train")
+
 
 def make_optimizer(train_cfg, *, lr: Optional[float] = None, steps: Optional[int] = None):
     """AdamW with linear warmup + cosine decay and global-norm clipping. Returns
@@ -275,9 +286,8 @@ def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str, *,
         new_opt = keep(new_opt, state["opt_state"])
     new_state = dict(state, params=new_params, opt_state=new_opt)
     new_state[counter] = state[counter] + 1
-    # No norm of the update tree: it made XLA materialise `updates` (its reduction cannot
-    # share the in-place parameter write), which cost ~40% of the AdamW step of two small
-    # models on 2 CPU cores (15.8 -> 9.6 ms measured); grad_norm and lr describe the step.
+    # No norm of the update tree: it makes XLA materialise `updates` (its reduction cannot
+    # share the in-place parameter write); grad_norm and lr describe the step.
     metrics = {"grad_norm": gnorm, "param_norm": global_norm(new_params),
                "lr": schedule(state[counter]), "finite": finite.astype(jnp.float32)}
     return new_state, metrics
@@ -319,14 +329,6 @@ def compile_step(step_fn: Callable, state_sh, batch_sh=None, *, donate: bool = T
     `batch_sh=None` takes the batch's own sharding (see `to_global`)."""
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,) if donate else ())
-
-
-def host_array(x) -> np.ndarray:
-    """All of a global array on every host as NumPy (an all-gather when it spans processes)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=None):
@@ -435,7 +437,7 @@ def run_stage(build: Callable, config, stage_dir: str):
     if jax.process_index() == 0 and os.path.exists(rejects):
         os.remove(rejects)   # every build re-reads the data and writes its rejects again
     stage = build(config, stage_dir)
-    tc = config.train
+    tc = train_options(config)
     name, total = stage.name, int(stage.total_steps)
     is_main = jax.process_index() == 0
     put = stage.put or (lambda b: to_global(b, stage.mesh))
@@ -493,8 +495,7 @@ def run_stage(build: Callable, config, stage_dir: str):
     if os.path.exists(start_path):
         with open(start_path) as f:
             start_eval = json.load(f)
-    elif (stage.evaluate is not None and start == 0 and tc.get("eval_at_start", True)
-          and total):
+    elif stage.evaluate is not None and start == 0 and tc.eval_at_start and total:
         start_eval = stage.evaluate(state)   # the starting point (e.g. the model before SFT)
         if start_eval:
             logger.write(0, start_eval, split="eval")
@@ -580,7 +581,7 @@ def prepare_data(config, tokenizer, stage_dir: str, *, block: str = "data",
                   "min_prompt_tokens", "min_response_tokens", "add_bos", "chat_template"):
             ev[k] = config[block][k]
         return train, build_dataset(ev, spec, workdir=workdir)
-    frac = float(config.get("eval_fraction", 0.05))
+    frac = float(config.eval_fraction)
     n = len(train.rows)
     n_eval = int(round(n * frac))
     if n_eval == 0:

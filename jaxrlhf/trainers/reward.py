@@ -39,23 +39,20 @@ from flax import nnx
 from jaxrlhf import objectives as obj
 from jaxrlhf.data import JointIterator, load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
+from jaxrlhf.options import RMOptions, parse
 from jaxrlhf.trainers import common
 from jaxrlhf.trainers.rm_steps import META, centring_mean, make_eval_fn, train_step
-
-STRENGTH_OPTIONS = ("flip_fraction", "soft_labels", "adaptive_margin")
-
 
 # ------------------------------------------------------------------------------------------
 # MOSS options: per-pair labels from a strength file, the MetaRM meta set.
 
-def sample_meta_examples(config, train_ds, tokenizer, mesh) -> list[dict]:
+def sample_meta_examples(config, rc: RMOptions, train_ds, tokenizer, mesh) -> list[dict]:
     """rm.meta_num_prompts prompts (the built-in task's prompt stream, else the training rows'
     prompts) with rm.meta_k responses each sampled from rm.meta_actor."""
     from jaxrlhf import rollout as ro
     from jaxrlhf.data import SyntheticTask
     from jaxrlhf.data.metarm import prompt_dataset
     from jaxrlhf.models import load_hf
-    rc = config.rm
     actor = load_hf(common.resolve_init_dir(rc.meta_actor), head="lm", mesh=mesh)
     n = int(rc.meta_num_prompts)
     if config.data.path == "synthetic":
@@ -79,20 +76,16 @@ def _with_pair_labels(batch, *, table, label_kw):
     return batch
 
 
-def moss_options(config, train_ds, tokenizer, mesh, stage_dir: str, train_iter):
+def moss_options(config, rc: RMOptions, train_ds, tokenizer, mesh, stage_dir: str,
+                 train_iter):
     """(training batches, extra train_step options, info for summary.json) for the MOSS
-    options of config.rm; (train_iter, {}, None) when all are off."""
+    options `rc` (config.rm); (train_iter, {}, None) when all are off."""
     from jaxrlhf.data.metarm import meta_dataset, read_meta_file
     from jaxrlhf.data.preference_strength import StrengthTable, read_strength
-    rc = config.rm
-    if not any(bool(rc[k]) for k in ("strength_file", "contrastive_coef", "meta_rm",
-                                     *STRENGTH_OPTIONS)):
+    if not rc.moss:
         return train_iter, {}, None
     info: dict = {}
     pair_labels = None   # batch -> batch with per-pair (ε, m)
-    if any(bool(rc[k]) for k in STRENGTH_OPTIONS) and not rc.strength_file:
-        raise ValueError("rm.flip_fraction / rm.soft_labels / rm.adaptive_margin need "
-                         "rm.strength_file (strength.jsonl of an rm_ensemble stage).")
     if rc.strength_file:
         rows = read_strength(rc.strength_file)
         table = StrengthTable.from_rows(rows, train_ds.num_responses,
@@ -109,15 +102,12 @@ def moss_options(config, train_ds, tokenizer, mesh, stage_dir: str, train_iter):
     if rc.meta_rm:
         if rc.meta_data:
             examples = read_meta_file(rc.meta_data)
-        elif rc.meta_actor:
-            examples = sample_meta_examples(config, train_ds, tokenizer, mesh)
+        else:
+            examples = sample_meta_examples(config, rc, train_ds, tokenizer, mesh)
             if jax.process_index() == 0:
                 with open(os.path.join(stage_dir, "meta_samples.jsonl"), "w") as f:
                     for e in examples:
                         f.write(json.dumps(e) + "\n")
-        else:
-            raise ValueError("rm.meta_rm needs rm.meta_data (a file of {prompt, responses}) "
-                             "or rm.meta_actor (a stage dir to sample responses from).")
         meta_ds = meta_dataset(examples, train_ds, tokenizer)
         info.update(meta_rows=len(meta_ds.rows))
         extras[META] = (meta_ds.iterator(int(rc.meta_batch_size), seed=int(config.seed) + 17,
@@ -144,7 +134,7 @@ def build(config, stage_dir: str) -> common.Stage:
     model = common.build_model(config, "score", mesh, init_dir=init_dir, seed=int(config.seed))
     common.check_tokenizer(tokenizer, model.cfg, {"init_from": init_dir} if init_dir else {})
     train_ds, eval_ds = common.prepare_data(config, tokenizer, stage_dir)
-    tc, rc = config.train, config.rm
+    tc, rc = common.train_options(config), parse(RMOptions, config.rm, "rm")
     train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
                                                      batch_size=int(tc.batch_size))
     loss_kw = dict(tie_mode=rc.tie_mode, margin=float(rc.margin),
@@ -157,7 +147,7 @@ def build(config, stage_dir: str) -> common.Stage:
     state, state_sh = common.init_train_state(params, optimizer,
                                               common.param_shardings(model, mesh), mesh,
                                               int(config.seed))
-    train_iter, step_kw, moss = moss_options(config, train_ds, tokenizer, mesh, stage_dir,
+    train_iter, step_kw, moss = moss_options(config, rc, train_ds, tokenizer, mesh, stage_dir,
                                              train_iter)
     step = common.compile_step(
         functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,

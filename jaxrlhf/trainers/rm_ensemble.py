@@ -42,13 +42,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrlhf import objectives as obj
+from jaxrlhf import sharding as shd
 from jaxrlhf.data import load_tokenizer, ranked_pairs
 from jaxrlhf.data.preference_strength import STRENGTH_FILE, write_strength
 from jaxrlhf.metrics import plot_curves, write_summary
 from jaxrlhf.models.reward import (ENSEMBLE_FILE, member, member_rewards, stack_trees,
                                    stacked_shardings)
-from jaxrlhf.trainers import common
-from jaxrlhf.trainers import rm_steps
+from jaxrlhf.options import RMOptions, parse
+from jaxrlhf.trainers import common, rm_steps
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,11 +128,11 @@ def score_strength(stacked_params, graphdef, ds, mesh, batch_size: int) -> List[
     rows = []
     for b in it:
         g = common.to_global(b, mesh)
-        r = common.host_array(fn(stacked_params, tokens=g["tokens"],
+        r = shd.host_array(fn(stacked_params, tokens=g["tokens"],
                                  mask=g["attention_mask"])).astype(np.float64)   # [M, B, K]
-        ranks, valid = common.host_array(g["ranks"]), common.host_array(g["valid"]) > 0
-        keep = common.host_array(g["batch_mask"]) > 0
-        index = common.host_array(g["index"])
+        ranks, valid = shd.host_array(g["ranks"]), shd.host_array(g["valid"]) > 0
+        keep = shd.host_array(g["batch_mask"]) > 0
+        index = shd.host_array(g["index"])
         ranked = ranked_pairs(ranks, valid) & keep[:, None, None]
         d = r[:, :, :, None] - r[:, :, None, :]                                  # [M, B, K, K]
         bs, i, j = np.nonzero(ranked)
@@ -228,10 +229,8 @@ def build(config, stage_dir: str) -> common.Stage:
     """M reward models in one vmapped step; `finish` exports each to stage_dir/member_<m>/hf
     and writes the preference strength of the training pairs."""
     mesh = common.mesh_from_config(config)
-    tc, rc = config.train, config.rm
+    tc, rc = common.train_options(config), parse(RMOptions, config.rm, "rm")
     m_count = int(rc.ensemble_size)
-    if m_count < 1:
-        raise ValueError(f"rm.ensemble_size must be >= 1, got {m_count}")
     init_dir = common.resolve_init_dir(config.init_from)
     tok_spec = common.tokenizer_spec(config, init_dir)
     tokenizer = load_tokenizer(tok_spec)

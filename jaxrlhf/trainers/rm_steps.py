@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import objectives as obj
+from jaxrlhf import sharding as shd
 from jaxrlhf.data import build_dataset, ranked_pairs
 from jaxrlhf.models.reward import last_hidden_and_rewards, sequence_rewards
 from jaxrlhf.trainers import common
@@ -170,10 +171,10 @@ def centring_mean(config, params, graphdef, tokenizer, train_ds, mesh) -> tuple[
     total, count = 0.0, 0
     for b in it:
         g = common.to_global(b, mesh)
-        r = common.host_array(reward_fn(params, tokens=g["tokens"], mask=g["attention_mask"]))
-        keep = common.host_array(g["batch_mask"]) > 0
+        r = shd.host_array(reward_fn(params, tokens=g["tokens"], mask=g["attention_mask"]))
+        keep = shd.host_array(g["batch_mask"]) > 0
         if r.ndim == 2:  # rankings [B, K]: the best response of each prompt
-            keep = ((common.host_array(g["ranks"]) == 0) & (common.host_array(g["valid"]) > 0)
+            keep = ((shd.host_array(g["ranks"]) == 0) & (shd.host_array(g["valid"]) > 0)
                     & keep[:, None])
         total += float(r[keep].sum())
         count += int(keep.sum())

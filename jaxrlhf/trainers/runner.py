@@ -6,8 +6,10 @@
   pipeline  -> sft -> rm -> ppo in workdir/{sft,rm,ppo}
   rm_ensemble -> jaxrlhf.trainers.rm_ensemble.run(config, workdir)  (M RMs + strength)
 
-Every stage resumes from the latest checkpoint in its directory, so re-running the same
-command after an interruption continues where it stopped.
+Every stage module has `build(config, stage_dir) -> common.Stage` and `run`, which hands
+`build` to `common.run_stage` (the one loop). Every stage resumes from the latest checkpoint in
+its directory, so re-running the same command after an interruption continues where it
+stopped.
 """
 from __future__ import annotations
 

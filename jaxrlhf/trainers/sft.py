@@ -18,6 +18,7 @@ from flax import nnx
 from jaxrlhf.data import load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
 from jaxrlhf.objectives import token_logprobs
+from jaxrlhf.options import SFTOptions, parse
 from jaxrlhf.trainers import common
 
 
@@ -72,7 +73,7 @@ def build(config, stage_dir: str) -> common.Stage:
     model = common.build_model(config, "lm", mesh, init_dir=init_dir, seed=int(config.seed))
     common.check_tokenizer(tokenizer, model.cfg, {"init_from": init_dir} if init_dir else {})
     train_ds, eval_ds = common.prepare_data(config, tokenizer, stage_dir)
-    tc = config.train
+    tc, so = common.train_options(config), parse(SFTOptions, config.sft, "sft")
     train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
                                                      batch_size=int(tc.batch_size))
     graphdef = nnx.graphdef(model)
@@ -89,7 +90,7 @@ def build(config, stage_dir: str) -> common.Stage:
 
     def finish(result):
         model = nnx.merge(graphdef, result.state["params"])
-        if config.sft.export_hf:
+        if so.export_hf:
             common.export_stage_model(model, os.path.join(stage_dir, "hf"),
                                       tokenizer=tokenizer, tokenizer_spec_=tok_spec,
                                       stage="sft")

@@ -1,0 +1,294 @@
+"""Typed options of each config block a stage reads: frozen dataclasses holding every default
+once, checked once with errors that name the field.
+
+    c.ppo = config_block(PPOOptions)          # a ConfigDict of the defaults (configs/, CLI)
+    opts = parse(PPOOptions, config.ppo, "ppo")   # the stage: types and values checked
+
+`parse` rejects unknown fields, converts ints given for float fields, checks every type, then
+runs the class's `check()`; each error is one `ValueError` naming `<block>.<field>`. Blocks:
+`train` (every stage), `sft`, `rm` (the rm and rm_ensemble stages), `ppo`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+SKIP = ("center_data",)   # nested data blocks inside an options block (read as data configs)
+
+
+def _fail(block: str, field: str, message: str):
+    raise ValueError(f"{block}.{field} {message}")
+
+
+def _type_of(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def config_block(cls):
+    """The defaults of `cls` as an `ml_collections.ConfigDict` (a config block)."""
+    import ml_collections
+    from ml_collections import config_dict
+
+    block = ml_collections.ConfigDict()
+    for f in dataclasses.fields(cls):
+        t = _type_of(cls, f.name)
+        if f.default is None:
+            base = next((a for a in typing.get_args(t) if a is not type(None)), object)
+            block[f.name] = config_dict.placeholder(base)
+        else:
+            block[f.name] = f.default
+    return block
+
+
+def parse(cls, block, name: str):
+    """`cls` from a config block (ConfigDict or mapping): unknown fields, types and values
+    checked; ValueError names `<name>.<field>`."""
+    given = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+    for k in SKIP:
+        given.pop(k, None)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        _fail(name, unknown[0], f"is not an option (valid: {', '.join(sorted(fields))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in given:
+            continue
+        v, t = given[f.name], _type_of(cls, f.name)
+        optional = type(None) in typing.get_args(t)
+        base = next((a for a in typing.get_args(t) if a is not type(None)), t)
+        if v is None and optional:
+            values[f.name] = None
+            continue
+        if base is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if base is tuple and isinstance(v, list):
+            v = tuple(v)
+        ok = isinstance(v, base) and not (base is int and isinstance(v, bool))
+        if not ok:
+            _fail(name, f.name, f"must be {base.__name__}, got {v!r}")
+        values[f.name] = v
+    opts = cls(**values)
+    opts.check(name)
+    return opts
+
+
+def _one_of(block, field, value, choices):
+    if value not in choices:
+        _fail(block, field, f"must be one of {tuple(choices)}, got {value!r}")
+
+
+def _at_least(block, field, value, low):
+    if value < low:
+        _fail(block, field, f"must be >= {low}, got {value!r}")
+
+
+def _in_range(block, field, value, low, high):
+    if not (low <= value <= high and math.isfinite(value)):
+        _fail(block, field, f"must be in [{low}, {high}], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation and the loop (`config.train`)."""
+
+    batch_size: int = 32          # global batch (sequences, or prompts for ranking data)
+    steps: int = 1000
+    grad_accum: int = 1           # micro-batches per step (exact: losses are normalised by the
+                                  # whole batch's token / prompt count)
+    lr: float = 1e-3
+    warmup_steps: int = 50        # linear warmup, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01    # AdamW; norm scales, biases and other 1-D params get none
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0        # global-norm clipping; 0 = off
+    log_every: int = 50
+    eval_every: int = 250         # 0 = evaluate at the start and the end only
+    eval_at_start: bool = True    # evaluate a fresh run before its first step (eval step 0)
+    eval_batches: int = 0         # 0 = the whole held-out set
+    save_every: int = 500
+    max_to_keep: int = 2
+    on_nonfinite: str = "stop"    # "stop": raise naming the step and batch; "skip": leave the
+                                  # state unchanged for that step and count it
+    max_skipped_fraction: float = 0.1   # under "skip": stop (no export) once more than this
+                                        # fraction of the steps (at least one) were dropped
+
+    def check(self, b: str) -> None:
+        _at_least(b, "batch_size", self.batch_size, 1)
+        _at_least(b, "steps", self.steps, 0)
+        _at_least(b, "grad_accum", self.grad_accum, 1)
+        if self.batch_size % self.grad_accum:
+            _fail(b, "grad_accum", f"({self.grad_accum}) must divide train.batch_size "
+                                   f"({self.batch_size})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            _fail(b, "lr", f"must be a positive number, got {self.lr!r}")
+        _at_least(b, "warmup_steps", self.warmup_steps, 0)
+        _in_range(b, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _at_least(b, "grad_clip", self.grad_clip, 0.0)
+        _at_least(b, "max_to_keep", self.max_to_keep, 1)
+        for name in ("log_every", "eval_every", "eval_batches", "save_every"):
+            _at_least(b, name, getattr(self, name), 0)
+        _one_of(b, "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _in_range(b, "max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTOptions:
+    """The sft stage (`config.sft`)."""
+
+    export_hf: bool = True        # write the model to <stage_dir>/hf
+
+    def check(self, b: str) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RMOptions:
+    """The rm and rm_ensemble stages (`config.rm`); the MOSS options are all off by default
+    (see `jaxrlhf.trainers.reward`). `rm.center_data` is a data block (SFT demonstrations)."""
+
+    tie_mode: str = "skip"        # ties give no pair ("skip") or a 0.5 soft label ("soft")
+    margin: float = 0.0           # constant margin m in -log σ(r_w - r_l - m)
+    label_smoothing: float = 0.0  # ε in -(1-ε) log σ(Δ) - ε log σ(-Δ)
+    center_on_sft: bool = True    # shift the score bias so center_data scores 0 on average
+    center_examples: int = 512    # at most this many demonstrations are scored for centring
+    center_loss_coef: float = 0.0  # c > 0: + c * mean over prompts of (mean reward)^2: centring
+                                   # in the weights (HF score heads have no bias); use it with
+                                   # center_on_sft=False for exact HF scores
+    export_hf: bool = True
+    ensemble_size: int = 4        # rm_ensemble: M members (seeds and data orders seed + m)
+    strength_file: str = ""       # strength.jsonl (rm_ensemble output): per-pair mu / sigma
+    flip_fraction: float = 0.0    # reverse the labels of this fraction of lowest-mu pairs
+    soft_labels: bool = False     # target P(chosen > rejected) = σ(mu / soft_label_temperature)
+    soft_label_temperature: float = 1.0
+    adaptive_margin: float = 0.0  # alpha > 0: margin += clip(alpha * mu, +-adaptive_margin_max)
+    adaptive_margin_max: float = 5.0
+    contrastive_coef: float = 0.0  # + coef * SimCSE InfoNCE on pair differences of hidden states
+    contrastive_temperature: float = 0.05
+    contrastive_dropout: float = 0.1  # feature dropout that makes the two SimCSE views
+    meta_rm: bool = False         # MetaRM: ascent on the difference loss of policy samples first
+    meta_data: str = ""           # file of {prompt, responses: [...]} policy samples, or
+    meta_actor: str = ""          # a stage/HF dir to sample meta_k responses per prompt from
+    meta_num_prompts: int = 256   # prompts sampled from meta_actor
+    meta_k: int = 2
+    meta_max_new_tokens: int = 16
+    meta_temperature: float = 1.0
+    meta_batch_size: int = 16     # meta rows per step
+    meta_lr: float = 0.01         # eta of the inner ascent step theta' = theta + eta grad J
+    meta_first_order: bool = False  # drop the second-order term of the MetaRM gradient
+
+    def check(self, b: str) -> None:
+        _one_of(b, "tie_mode", self.tie_mode, ("skip", "soft"))
+        _in_range(b, "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        _at_least(b, "center_examples", self.center_examples, 1)
+        _at_least(b, "ensemble_size", self.ensemble_size, 1)
+        _in_range(b, "flip_fraction", self.flip_fraction, 0.0, 1.0)
+        for name in ("soft_label_temperature", "contrastive_temperature", "meta_temperature"):
+            if not getattr(self, name) > 0:
+                _fail(b, name, f"must be > 0, got {getattr(self, name)!r}")
+        _in_range(b, "contrastive_dropout", self.contrastive_dropout, 0.0, 0.99)
+        _at_least(b, "meta_k", self.meta_k, 2)
+        for name in ("meta_num_prompts", "meta_max_new_tokens", "meta_batch_size"):
+            _at_least(b, name, getattr(self, name), 1)
+        needs_strength = self.flip_fraction or self.soft_labels or self.adaptive_margin
+        if needs_strength and not self.strength_file:
+            _fail(b, "strength_file", "is needed by rm.flip_fraction / rm.soft_labels / "
+                                      "rm.adaptive_margin (strength.jsonl of an rm_ensemble "
+                                      "stage)")
+        if self.meta_rm and not (self.meta_data or self.meta_actor):
+            _fail(b, "meta_rm", "needs rm.meta_data (a file of {prompt, responses}) or "
+                                "rm.meta_actor (a stage dir to sample responses from)")
+
+    @property
+    def moss(self) -> bool:
+        """Any MOSS option on."""
+        return bool(self.strength_file or self.contrastive_coef or self.meta_rm
+                    or self.flip_fraction or self.soft_labels or self.adaptive_margin)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOOptions:
+    """PPO-ptx (`config.ppo`)."""
+
+    actor_init: str = ""          # SFT stage dir or HF dir: actor and frozen reference
+    reward_init: str = ""         # RM stage dir or HF dir (score head): frozen reward model
+    reward_ensemble: str = ""     # an rm_ensemble stage dir; score = mean - coef * std
+    uncertainty_coef: float = 0.0  # lambda of the ensemble score (0 = the ensemble mean)
+    critic_init: str = ""         # "" = reward_init (InstructGPT: critic starts from the RM)
+    ref_init: str = ""            # "" = actor_init; iterated RLHF keeps the SFT model as reference
+    critic: str = "separate"      # "separate" model, or "shared": value head on the actor's trunk
+    iterations: int = 100         # PPO iterations (rollout + updates)
+    rollout_batch: int = 32       # prompts per iteration (global)
+    minibatch_size: int = 16      # rollouts per update (global); divides rollout_batch
+    ppo_epochs: int = 2           # passes over each rollout batch
+    grad_accum: int = 1           # micro-batches per update (exact)
+    fused_first_update: bool = True  # with one minibatch (minibatch_size == rollout_batch)
+                                  # and grad_accum 1: the scoring pass's actor/critic forwards
+                                  # are reused by the first update (two forwards fewer; same math)
+    max_new_tokens: int = 16
+    temperature: float = 1.0      # sampling distribution of the rollout AND of pi_old / pi_theta
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05         # beta (initial beta for the adaptive controller)
+    kl_estimator: str = "k1"      # "k1" | "k2" | "k3" per-token KL in the reward
+    kl_controller: str = "fixed"  # "fixed" | "adaptive" (Ziegler et al. 2019)
+    kl_target: float = 6.0        # adaptive: target KL per sequence (nats)
+    kl_horizon: float = 10000.0   # adaptive: horizon in samples
+    advantage_estimator: str = "gae"  # "gae" | "monte_carlo" (GAE with lambda = 1)
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    dual_clip: float = 0.0        # 0 = off; else the dual-clip constant c > 1 (Ye et al. 2020)
+    vf_clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0     # entropy bonus
+    ptx_coef: float = 0.0         # gamma_ptx; 0 = plain PPO
+    ptx_batch_size: int = 16
+    loss_agg: str = "token_mean"  # "token_mean" | "seq_mean" | "seq_sum"
+    whiten_advantages: bool = True
+    reward_clip: float = 0.0      # 0 = off; else clip the score to +-reward_clip
+    reward_norm: str = "none"     # "none" | "running": divide scores by the running std (and
+                                  # subtract the running mean) of all scores seen so far
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    warmup_iterations: int = 0
+    sample_every: int = 10        # print / write sample generations every n iterations
+    gold_reward: bool = True      # built-in task: log the gold reward of every rollout
+    eval_prompts: int = 256       # held-out prompts scored before PPO (the SFT policy), every
+                                  # train.eval_every iterations, and at the end (the first
+                                  # eval_prompts of eval_data, rounded up to whole rollout batches)
+
+    def check(self, b: str) -> None:
+        from jaxrlhf.objectives import registry
+        _one_of(b, "critic", self.critic, ("separate", "shared"))
+        _one_of(b, "reward_norm", self.reward_norm, ("none", "running"))
+        _one_of(b, "kl_controller", self.kl_controller, ("fixed", "adaptive"))
+        _one_of(b, "kl_estimator", self.kl_estimator, registry.names("kl"))
+        _one_of(b, "loss_agg", self.loss_agg, registry.names("loss_agg"))
+        _one_of(b, "advantage_estimator", self.advantage_estimator, registry.names("advantage"))
+        for name in ("iterations", "warmup_iterations", "top_k", "sample_every",
+                     "eval_prompts"):
+            _at_least(b, name, getattr(self, name), 0)
+        for name in ("rollout_batch", "minibatch_size", "ppo_epochs", "grad_accum",
+                     "max_new_tokens", "ptx_batch_size"):
+            _at_least(b, name, getattr(self, name), 1)
+        if self.rollout_batch % self.minibatch_size:
+            _fail(b, "minibatch_size", f"({self.minibatch_size}) must divide ppo.rollout_batch "
+                                       f"({self.rollout_batch})")
+        if not self.temperature > 0:
+            _fail(b, "temperature", f"must be > 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            _fail(b, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.dual_clip and self.dual_clip <= 1.0:
+            _fail(b, "dual_clip", f"must be 0 (off) or > 1, got {self.dual_clip!r}")
+        for name in ("actor_lr", "critic_lr"):
+            if not getattr(self, name) > 0:
+                _fail(b, name, f"must be > 0, got {getattr(self, name)!r}")
+        _in_range(b, "gamma", self.gamma, 0.0, 1.0)
+        _in_range(b, "lam", self.lam, 0.0, 1.0)
+        if self.reward_ensemble and self.uncertainty_coef < 0:
+            _fail(b, "uncertainty_coef", f"must be >= 0, got {self.uncertainty_coef!r}")
