@@ -233,10 +233,12 @@ def jax_config(args, dirs, prompts_path):
 def run_jax(args, dirs, prompts_path, stage_dir):
     import jax
 
+    from jaxrlhf import rollout
+    from jaxrlhf.trainers import common
     from jaxrlhf.trainers import ppo as ppo_mod
 
     gen_calls, marks = [], []
-    orig_generate, orig_logger = ppo_mod.generate, ppo_mod.MetricsLogger
+    orig_generate, orig_logger = rollout.generate, common.MetricsLogger
     steps = []
 
     def timed_generate(*a, **kw):
@@ -258,7 +260,7 @@ def run_jax(args, dirs, prompts_path, stage_dir):
             super().advance(n)
 
     cfg = jax_config(args, dirs, prompts_path)
-    ppo_mod.generate, ppo_mod.MetricsLogger = timed_generate, TimedLogger
+    rollout.generate, common.MetricsLogger = timed_generate, TimedLogger
     prev_env = os.environ.get("JAXRLHF_NO_PROGRESS")
     os.environ["JAXRLHF_NO_PROGRESS"] = "1"
     t_call = time.perf_counter()
@@ -266,7 +268,7 @@ def run_jax(args, dirs, prompts_path, stage_dir):
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
             ppo_mod.run(cfg, stage_dir)
     finally:
-        ppo_mod.generate, ppo_mod.MetricsLogger = orig_generate, orig_logger
+        rollout.generate, common.MetricsLogger = orig_generate, orig_logger
         if prev_env is None:
             os.environ.pop("JAXRLHF_NO_PROGRESS", None)
         else:

@@ -38,6 +38,7 @@ from jaxrlhf.data import PreparedDataset, SyntheticTask, tokenize_examples
 from jaxrlhf.data.formats import make_report
 from jaxrlhf.data.preference_strength import read_strength
 from jaxrlhf.models.reward import load_ensemble, member, sequence_rewards
+from jaxrlhf.options import RMOptions, parse
 from jaxrlhf.trainers import common, reward, runner
 
 # The repository root, for its configs/ directory.
@@ -301,7 +302,8 @@ def main():
         mc.rm.meta_actor, mc.rm.meta_num_prompts = sft_dir, args.meta_prompts
         mc.rm.meta_max_new_tokens = 16 if task == "synthetic" else 64
         mesh = common.mesh_from_config(mc)
-        ex = reward.sample_meta_examples(mc, train_ds, tokenizer, mesh)
+        ex = reward.sample_meta_examples(mc, parse(RMOptions, mc.rm, "rm"), train_ds,
+                                         tokenizer, mesh)
         with open(meta_file, "w") as f:
             for e in ex:
                 f.write(json.dumps(e) + "\n")
