@@ -173,3 +173,36 @@ def test_config_errors():
         ModelConfig(remat="sometimes")
     with pytest.raises(ValueError, match="preset"):
         preset("huge")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_target_logprobs_equal_the_full_logits(tied):
+    """cfg.logits_chunk: the targets' log-probs (T = 11, not a multiple of the chunk 4) and
+    their gradients with respect to the hidden states and every parameter equal the
+    unchunked [B, T, V] computation."""
+    cfg = preset("tiny", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=48,
+                 tie_embeddings=tied)
+    graphdef, params = nnx.split(init_model(cfg, seed=3))
+    toks = _tokens(2, 12, seed=5)
+    h = jax.random.normal(jax.random.key(6), (2, 11, 32))
+    weights = jax.random.uniform(jax.random.key(7), (2, 11))
+
+    def loss(params, h, chunk):
+        model = nnx.merge(graphdef, params)
+        model.cfg = model.cfg.replace(logits_chunk=chunk)
+        lp = model.target_logprobs(h, toks[:, 1:])
+        return jnp.sum(lp * weights), lp
+
+    (full, lp_full), g_full = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, h, 0)
+    (chunked, lp_chunked), g_chunked = jax.jit(
+        jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(params, h, 4)
+    want = jax.nn.log_softmax(nnx.merge(graphdef, params).apply_head(h), -1)
+    np.testing.assert_allclose(np.asarray(lp_full), np.take_along_axis(
+        np.asarray(want), np.asarray(toks[:, 1:])[..., None], -1)[..., 0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lp_chunked), np.asarray(lp_full), rtol=1e-6,
+                               atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Auto (None): chunks of 128 for a large vocabulary only.
+    assert cfg.logits_chunk is None and cfg.logits_chunk_size() == 0
+    assert cfg.replace(vocab_size=49152).logits_chunk_size() == 128

@@ -16,6 +16,9 @@ FAMILIES = ("llama", "qwen2", "gpt2")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # scan_unroll=None (auto) unrolls the layer scan of models up to this depth.
 AUTO_UNROLL_MAX_LAYERS = 8
+# logits_chunk=None (auto): chunk the target log-probs of vocabularies at least this large.
+LARGE_VOCAB = 32768
+LOGITS_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,14 @@ class ModelConfig:
             slicing per-layer residuals (dynamic-update-slice / dynamic-slice copies), and at
             4-8 layers compiling the unrolled step is no slower. Deep models (the 1b preset)
             keep compile time flat with a rolled scan.
+        logits_chunk: positions per chunk when a trainer needs log-probabilities of target
+            tokens over the whole vocabulary (`Transformer.target_logprobs`): 0 computes the
+            [B, T, V] logits at once; c > 0 computes them c positions at a time and again in
+            the backward pass, so at most [B, c, V] float32 logits are alive (a large
+            vocabulary: SmolLM2's 49,152 x 512 positions x 8 rows is 805 MB per copy);
+            None (the default) = auto: LOGITS_CHUNK (128) for vocabularies of at least
+            LARGE_VOCAB (32,768) tokens, else 0 (the README's real-model benchmarks measure
+            the memory it saves).
         pad_token_id / eos_token_id / bos_token_id: ids written to the HF config on export.
     """
 
@@ -79,6 +90,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_unroll: Optional[int] = None
+    logits_chunk: Optional[int] = None
     pad_token_id: Optional[int] = 256
     eos_token_id: Optional[int] = 258
     bos_token_id: Optional[int] = 257
@@ -114,6 +126,12 @@ class ModelConfig:
     @property
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    def logits_chunk_size(self) -> int:
+        """`logits_chunk` resolved (None = auto: LOGITS_CHUNK for a large vocabulary)."""
+        if self.logits_chunk is None:
+            return LOGITS_CHUNK if self.vocab_size >= LARGE_VOCAB else 0
+        return max(int(self.logits_chunk), 0)
 
     def layer_scan_unroll(self) -> int:
         """The `unroll` of the layer scan: `scan_unroll` resolved (None = auto, <= 0 = all)."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.objectives.stats import token_logprobs
 
 # Finite "minus infinity" for masked attention logits: a fully masked query row then gives a
 # uniform softmax instead of NaN.
@@ -448,11 +449,42 @@ class Transformer(nnx.Module):
         if self.head == "score":
             s = h_BxTxD @ self.score_w[...].astype(dt)
             return s.astype(jnp.float32) + self.score_b[...].astype(jnp.float32)
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return linear(h_BxTxD, w).astype(jnp.float32)
+        return linear(h_BxTxD, self.lm_head_weight()).astype(jnp.float32)
+
+    def lm_head_weight(self):
+        """The LM head's [D, V] weight (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
     def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None):
         return self.apply_head(self.hidden(tokens_BxT, mask_BxT, positions_BxT))
+
+    def target_logprobs(self, h_BxTxD, targets_BxT):
+        """log softmax(apply_head(h))[target] [B, T] (float32) of an LM head.
+
+        With `cfg.logits_chunk_size()` = c > 0 and T > c, the positions are processed c at a
+        time (T padded up to a multiple of c; the padding is dropped): each chunk's [B, c, V]
+        logits are computed, reduced to the targets' log-probabilities and freed, and
+        recomputed in the backward pass (`jax.checkpoint`), so the [B, T, V] logits and their
+        softmax never exist at once. Same values as the unchunked path up to float rounding.
+        """
+        c = self.cfg.logits_chunk_size()
+        b, t, d = h_BxTxD.shape
+        if not c or t <= c:
+            return token_logprobs(self.apply_head(h_BxTxD), targets_BxT)
+        n = -(-t // c)
+        pad = n * c - t
+        h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        tg = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+        h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
+        t_NxBxC = tg.reshape(b, n, c).swapaxes(0, 1)
+        w = self.lm_head_weight()
+
+        @jax.checkpoint
+        def chunk(w, h_c, t_c):
+            return token_logprobs(linear(h_c, w).astype(jnp.float32), t_c)
+
+        lp = jax.lax.map(lambda xs: chunk(w, *xs), (h_NxBxCxD, t_NxBxC))
+        return lp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
 
     # ----------------------------------------------------------------------------------
     # Cached (incremental) forward, for decoding.

@@ -25,8 +25,12 @@ from jaxrlhf.trainers import common
 def nll_sums(params, graphdef, batch):
     """(Σ NLL over target tokens, number of target tokens) of a batch."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["tokens"], batch["attention_mask"])
-    lp = token_logprobs(logits[:, :-1], batch["tokens"][:, 1:])
+    tokens = batch["tokens"]
+    if model.cfg.logits_chunk_size():   # never the whole [B, T, V] logits at once
+        h = model.hidden(tokens, batch["attention_mask"])
+        lp = model.target_logprobs(h[:, :-1], tokens[:, 1:])
+    else:
+        lp = token_logprobs(model(tokens, batch["attention_mask"])[:, :-1], tokens[:, 1:])
     m = batch["loss_mask"][:, 1:] > 0
     if "batch_mask" in batch:
         m = m & (batch["batch_mask"][:, None] > 0)
