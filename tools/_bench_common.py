@@ -7,6 +7,7 @@
 - `to_hf_llama(model)`: the same weights as a `transformers.LlamaForCausalLM` (PyTorch, fp32),
   through `jaxrlhf.models.save_hf` + `from_pretrained`.
 - `param_bytes(state)`, `timed(fn)`: bytes of a pytree; best-of-k wall time.
+- `write_result(out, name, path)`: a benchmark's JSON into experiments/benchmarks/.
 """
 from __future__ import annotations
 
@@ -83,6 +84,18 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     f(a).block_until_ready()
     t, _ = timed(lambda: f(a).block_until_ready(), repeats)
     return 2 * n ** 3 / t / 1e9
+
+
+def write_result(out: dict, name: str, path: str = "") -> str:
+    """Writes a benchmark's JSON to `path`, default experiments/benchmarks/<name>.json of this
+    checkout; returns the path."""
+    import json
+
+    path = path or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments", "benchmarks", f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    return path
 
 
 def param_bytes(tree) -> int:

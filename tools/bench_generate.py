@@ -24,6 +24,26 @@ HF: `min_new_tokens`, top_k=0). Prints one JSON object:
     max_logit_diff                                prompt logits, jaxrlhf vs HF
     meets_target                                  speedup >= 3 (tiny, small);
                                                   speedup >= 1.5 and step <= 2x floor (base)
+
+A real model (`--hf DIR`, any local HF causal LM, e.g. `tools/get_smollm2.py`'s SmolLM2):
+
+    python tools/bench_generate.py --hf /tmp/smollm2                 # batch 8, 128 new tokens
+    python tools/bench_generate.py --hf DIR --batch 1 --new 64
+
+Each side runs in its own child process (`--worker jax|hf`, pinned to the same cores) so that
+its peak RSS is its own; both load the same directory (jaxrlhf `load_hf`, HF
+`AutoModelForCausalLM.from_pretrained`, fp32), prompts are `--prompt` random token ids (no
+special tokens), sampling at temperature 1 without truncation, exactly `--new` tokens (no stop
+id is ever matched). Two shapes:
+  rollout   --batch prompts, one sample each (PPO's shape)
+  group     --group_prompts prompts x --group samples each (GRPO's shape; jaxrlhf
+            `rollout.sample(k=...)`, HF `num_return_sequences`)
+Per shape and side: best-of-`--repeats` seconds for `--new` tokens and for 1 token, the decode
+step (t(new) - t(1)) / (new - 1), the first call minus a warm call (jaxrlhf: compile), new
+tokens / s; per side the process's peak RSS. The floor of a decode step (weights + mean KV
+bytes in use / the best bandwidth measured in the parent) and jaxrlhf's step over it, as for
+the presets. Targets (rollout shape): speedup >= 3 and step <= 3x the floor. Written to
+experiments/benchmarks/bench_generate_<name>.json.
 """
 from __future__ import annotations
 
@@ -51,7 +71,157 @@ def parse_args():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args()
+    ap.add_argument("--hf", default="", help="a local HF causal-LM dir: real-model mode")
+    ap.add_argument("--group", type=int, default=8, help="--hf: samples per prompt (group)")
+    ap.add_argument("--group_prompts", type=int, default=2, help="--hf: prompts (group)")
+    ap.add_argument("--out", default="", help="--hf: where to write the JSON")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.hf:   # real-model defaults unless given
+        given = " ".join(sys.argv)
+        if "--new" not in given:
+            args.new = 128
+        if "--prompt" not in given:
+            args.prompt = 64
+        if "--repeats" not in given:
+            args.repeats = 3
+    return args
+
+
+# ------------------------------------------------------------------------------------------
+# A real model: one child process per side.
+
+def _prompt_ids(args, vocab, special, rows):
+    import numpy as np
+    rng = np.random.default_rng(args.seed)
+    ids = rng.integers(0, vocab, (rows, args.prompt)).astype(np.int32)
+    for a in special:
+        ids[ids == a] = (a + 11) % vocab
+    return ids
+
+
+def hf_worker(args) -> dict:
+    """One side (`args.worker`: "jax" or "hf") on both shapes; prints a JSON object."""
+    import resource
+
+    import numpy as np
+    shapes = {"rollout": (args.batch, 1), "group": (args.group_prompts, args.group)}
+    out = {"side": args.worker}
+    t_load = time.perf_counter()
+    if args.worker == "jax":
+        import jax
+        from jaxrlhf import rollout as ro
+        from jaxrlhf.models import load_hf
+        model = load_hf(args.hf, head="lm")
+        cfg = model.cfg
+        special = [i for i in (cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id)
+                   if i is not None]
+        out["load_s"] = round(time.perf_counter() - t_load, 2)
+
+        def make(rows, k):
+            prompts = jax.device_put(_prompt_ids(args, cfg.vocab_size, special, rows))
+            mask = jax.device_put(np.ones_like(prompts))
+
+            def call(new, seed):
+                r = ro.sample(model, prompts, mask, jax.random.key(seed),
+                              ro.Sampling(max_new_tokens=new, temperature=1.0),
+                              eos_id=-1, pad_id=cfg.pad_token_id or 0, k=k)
+                return jax.block_until_ready(r["response_tokens"]).shape
+            return call
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(args.threads)
+        hf = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
+        cfg = hf.config
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        special = [i for i in (cfg.pad_token_id, cfg.bos_token_id, *eos) if i is not None]
+        out["load_s"] = round(time.perf_counter() - t_load, 2)
+
+        def make(rows, k):
+            prompts = torch.tensor(_prompt_ids(args, cfg.vocab_size, special, rows),
+                                   dtype=torch.long)
+            mask = torch.ones_like(prompts)
+
+            def call(new, seed):
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    r = hf.generate(prompts, attention_mask=mask, max_new_tokens=new,
+                                    min_new_tokens=new, do_sample=True, temperature=1.0,
+                                    top_k=0, top_p=1.0, num_return_sequences=k,
+                                    pad_token_id=special[0])
+                return tuple(r.shape)
+            return call
+
+    for shape, (rows, k) in shapes.items():
+        call = make(rows, k)
+        t0 = time.perf_counter()
+        call(args.new, 0)
+        first = time.perf_counter() - t0
+        call(1, 0)
+        best, best1 = float("inf"), float("inf")
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            got = call(args.new, r + 1)
+            best = min(best, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            call(1, r + 1)
+            best1 = min(best1, time.perf_counter() - t0)
+        assert got[-1] in (args.new, args.prompt + args.new), got
+        out[shape] = {"rows": rows * k, "s": round(best, 4), "s_1_token": round(best1, 4),
+                      "step_ms": round((best - best1) / (args.new - 1) * 1e3, 3),
+                      "tokens_per_s": round(rows * k * args.new / best, 1),
+                      "first_call_minus_warm_s": round(first - best, 2)}
+    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+    return out
+
+
+def bench_hf(args, cores) -> dict:
+    import subprocess
+
+    from jaxrlhf.models.hf_io import config_from_hf, read_json
+    bandwidth = bc.memory_bandwidth_gbps()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), JAXRLHF_NO_PROGRESS="1")
+    cpus = ",".join(str(c) for c in cores)
+    sides = {}
+    for side in ("jax", "hf"):
+        cmd = ["taskset", "-c", cpus, sys.executable, os.path.abspath(__file__), "--worker",
+               side, "--hf", args.hf, "--batch", str(args.batch), "--prompt",
+               str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
+               "--group", str(args.group), "--group_prompts", str(args.group_prompts),
+               "--threads", str(args.threads), "--seed", str(args.seed)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-3000:]}")
+        sides[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    bw = max(bandwidth["floor_gbps"], bc.memory_bandwidth_gbps()["floor_gbps"])
+    cfg = config_from_hf(read_json(os.path.join(args.hf, "config.json")))
+    weight_bytes = cfg.num_params() * 4
+    out = {"command": "python " + " ".join(sys.argv),
+           "setup": {"hf": os.path.abspath(args.hf), "batch": args.batch,
+                     "prompt": args.prompt, "new_tokens": args.new, "group": args.group,
+                     "group_prompts": args.group_prompts, "temperature": 1.0,
+                     "threads": args.threads, "repeats": args.repeats, "dtype": "float32",
+                     "processes": "one fresh process per side"},
+           "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+                       "floor_gbps": round(bw, 2), "load_average_end": os.getloadavg()},
+           "jax": sides["jax"], "hf": sides["hf"]}
+    for shape in ("rollout", "group"):
+        j, h = sides["jax"][shape], sides["hf"][shape]
+        slots = args.prompt + (args.new - 1) / 2
+        kv = 2 * cfg.n_layers * j["rows"] * cfg.n_kv_heads * cfg.dim_per_head * 4 * slots
+        floor_ms = (weight_bytes + kv) / (bw * 1e9) * 1e3
+        out[shape] = {"speedup": round(h["s"] / j["s"], 2),
+                      "jax_step_ms": j["step_ms"], "hf_step_ms": h["step_ms"],
+                      "floor_step_ms": round(floor_ms, 2),
+                      "jax_step_over_floor": round(j["step_ms"] / floor_ms, 2),
+                      "jax_tokens_per_s": j["tokens_per_s"],
+                      "hf_tokens_per_s": h["tokens_per_s"]}
+    out["peak_rss_gb"] = {"jax": sides["jax"]["peak_rss_gb"], "hf": sides["hf"]["peak_rss_gb"]}
+    r = out["rollout"]
+    out["meets_target"] = bool(r["speedup"] >= 3 and r["jax_step_over_floor"] <= 3)
+    out["weight_mb"] = round(weight_bytes / 1e6, 1)
+    return out
 
 
 def bench_preset(name, args, bandwidths):
@@ -183,6 +353,15 @@ def bench_preset(name, args, bandwidths):
 def main():
     args = parse_args()
     cores = bc.pin_cpu_threads(args.threads)  # before jax / torch are imported
+    if args.worker:
+        print(json.dumps(hf_worker(args)), flush=True)
+        return
+    if args.hf:
+        out = bench_hf(args, cores)
+        name = os.path.basename(os.path.normpath(args.hf))
+        bc.write_result(out, f"bench_generate_{name}", args.out)
+        print(json.dumps(out, indent=1))
+        return
     import jax
     import torch
     import transformers

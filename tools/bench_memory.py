@@ -49,8 +49,7 @@ def parse_args():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--malloc", default="default", choices=["default", "reuse"],
-                    help="JAXRLHF_HOST_MALLOC for the jaxrlhf processes")
+    add_jax_run_args(ap)
     ap.add_argument("--remat", default="", help="jaxrlhf remat policy (default: the model's)")
     ap.add_argument("--stages", action="store_true", help="also measure the CLI stages")
     ap.add_argument("--stage_steps", type=int, default=3)
@@ -58,6 +57,14 @@ def parse_args():
     ap.add_argument("--out", default="")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return ap.parse_args()
+
+
+def add_jax_run_args(ap) -> None:
+    """How the jaxrlhf worker runs (shared with bench_model.py --hf)."""
+    ap.add_argument("--malloc", default="default", choices=["default", "reuse"],
+                    help="JAXRLHF_HOST_MALLOC for the jaxrlhf processes (PyTorch: default)")
+    ap.add_argument("--logits_chunk", type=int, default=-1,
+                    help="jaxrlhf model.logits_chunk (default: the model's)")
 
 
 def peak_rss_gb(who=resource.RUSAGE_SELF) -> float:
@@ -87,6 +94,8 @@ def _jax_model(args, head):
         model = init_model(preset(args.preset), head=head, seed=0)
     if args.remat:
         model.cfg = model.cfg.replace(remat=args.remat)
+    if getattr(args, "logits_chunk", -1) >= 0:
+        model.cfg = model.cfg.replace(logits_chunk=args.logits_chunk)
     return model
 
 
@@ -197,6 +206,8 @@ def run_worker(args, mode: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     cmd += ["--remat", args.remat] if args.remat else []
+    if getattr(args, "logits_chunk", -1) >= 0:
+        cmd += ["--logits_chunk", str(args.logits_chunk)]
     cmd += ["--hf", args.hf] if args.hf else ["--preset", args.preset]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:

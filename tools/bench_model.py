@@ -6,6 +6,18 @@ utilisation (MFU).
     python tools/bench_model.py --presets base --steps 20
     python tools/bench_model.py --quick                  # tiny only, 3 steps (smoke test)
     python tools/bench_model.py --table out.json         # README tables from a saved run
+    python tools/bench_model.py --hf /tmp/smollm2        # a real model: 8 x 512, time + memory
+    python tools/bench_model.py --hf DIR --batch 1 --seq 2048 --remat none
+
+A real model (`--hf DIR`, any local HF causal LM; e.g. `tools/get_smollm2.py`): the SFT and RM
+train steps of jaxrlhf and of PyTorch (HF transformers + torch AdamW) on `--batch` rows of
+`--seq` real tokens (RM: batch/2 pairs), each side in a fresh child process
+(`tools/bench_memory.py` workers) so that its peak RSS is its own; prints one JSON object with
+step time, tokens/s, speedup (PyTorch step time / jaxrlhf's), peak RSS of both sides, compile
+time and the first loss of both (a same-weights check), and writes it to
+experiments/benchmarks/bench_model_<name>_<batch>x<seq>.json. `--remat` defaults to "full"
+here (the pretrained-model recipe of configs/sft.py and rm.py). Targets: speedup >= 1.3 and
+jaxrlhf's peak RSS <= PyTorch's, for both steps.
 
 Threads. Both frameworks run in this one process, pinned to the first `--threads` cores
 (`os.sched_setaffinity` before jax and torch are imported: XLA's CPU client sizes its
@@ -86,11 +98,24 @@ def parse_args():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: fwd,train,rm")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: tiny, 3 steps, 1 warm-up (unless given explicitly)")
+    ap.add_argument("--hf", default="", help="a local HF model dir: real-model mode")
+    ap.add_argument("--batch", type=int, default=8, help="--hf: rows per SFT step")
+    ap.add_argument("--seq", type=int, default=512, help="--hf: tokens per row")
+    ap.add_argument("--out", default="", help="--hf: where to write the JSON")
+    import bench_memory
+    bench_memory.add_jax_run_args(ap)   # --malloc, --logits_chunk (with --hf)
+    ap.add_argument("--kinds", default="sft,rm", help="--hf: which steps (sft, rm)")
     args = ap.parse_args()
     if args.quick:
         given = " ".join(sys.argv)
         if "--presets" not in given:
             args.presets = "tiny"
+        if "--steps" not in given:
+            args.steps = 3
+        if "--warmup" not in given:
+            args.warmup = 1
+    if args.hf:   # a real model's step takes seconds: fewer calls unless asked for
+        given = " ".join(sys.argv)
         if "--steps" not in given:
             args.steps = 3
         if "--warmup" not in given:
@@ -383,12 +408,56 @@ def markdown(out) -> str:
     return "\n".join(lines)
 
 
+def bench_hf(args) -> dict:
+    """SFT and RM steps of a real model, each side in its own process (time + peak RSS)."""
+    import bench_memory
+    args.remat = args.remat or "full"
+    args.preset, args.worker = "", ""
+    kinds = [k for k in args.kinds.split(",") if k]
+    runs = {f"{side}_{k}": bench_memory.run_worker(args, f"{side}_{k}")
+            for k in kinds for side in ("jax", "torch")}
+    out = {"command": "python " + " ".join(sys.argv),
+           "setup": {"hf": os.path.abspath(args.hf), "batch": args.batch, "seq": args.seq,
+                     "rm_pairs": args.batch // 2, "threads": args.threads,
+                     "steps": args.steps, "warmup": args.warmup, "remat": args.remat,
+                     "logits_chunk": args.logits_chunk,
+                     "malloc": args.malloc, "dtype": "float32", "statistic": "median",
+                     "processes": "one fresh process per side and step kind"},
+           "machine": {"cpu": platform.processor() or platform.machine(),
+                       "load_average_end": os.getloadavg()}}
+    meets = True
+    for kind in kinds:
+        j, t = runs[f"jax_{kind}"], runs[f"torch_{kind}"]
+        tokens = args.batch * args.seq
+        speedup = t["step_s"] / j["step_s"]
+        ok = speedup >= 1.3 and j["peak_rss_gb"] <= t["peak_rss_gb"]
+        meets = meets and ok
+        out[kind] = {"jax_step_s": j["step_s"], "torch_step_s": t["step_s"],
+                     "jax_tok_s": round(tokens / j["step_s"], 1),
+                     "torch_tok_s": round(tokens / t["step_s"], 1),
+                     "speedup": round(speedup, 3),
+                     "jax_peak_rss_gb": j["peak_rss_gb"], "torch_peak_rss_gb": t["peak_rss_gb"],
+                     "peak_rss_jax_over_torch": round(j["peak_rss_gb"] / t["peak_rss_gb"], 3),
+                     "jax_compile_s": j["compile_s"],
+                     "loss_first": {"jax": j["loss_first"], "torch": t["loss_first"]},
+                     "step_s_all": {"jax": j["step_s_all"], "torch": t["step_s_all"]},
+                     "meets_target": bool(ok)}
+    out["meets_target"] = meets
+    return out
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--table":   # render a saved result
         with open(sys.argv[2]) as f:
             print(markdown(json.load(f)))
         return
     args = parse_args()
+    if args.hf:
+        out = bench_hf(args)
+        name = os.path.basename(os.path.normpath(args.hf))
+        bc.write_result(out, f"bench_model_{name}_{args.batch}x{args.seq}", args.out)
+        print(json.dumps(out, indent=1))
+        return
     cores = bc.pin_cpu_threads(args.threads)   # before jax / torch are imported
     import jax
     import torch

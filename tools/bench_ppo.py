@@ -4,6 +4,16 @@
     python tools/bench_ppo.py                            # tiny, small; 5 timed iterations, 3 rounds
     python tools/bench_ppo.py --presets tiny --iterations 2 --repeats 1   # quick smoke run
     pip install trl==0.29.0                              # optional: the TRL side
+    python tools/bench_ppo.py --hf /tmp/smollm2          # a real model (prompt 64, 128 new
+                                                         # tokens, 2 timed iterations, 1 round)
+
+A real model (`--hf DIR`, any local HF Llama-family causal LM): actor and reference are the
+checkpoint, reward model and critic its trunk with a fresh score head (exported like an RM
+stage); both trainers use the checkpoint's own tokenizer; prompts are --prompt random
+one-token words (exactly --prompt ids, no chat template: `data.chat_template = "raw"`);
+jaxrlhf runs the pretrained-model recipe's full rematerialisation. Each side's peak RSS is
+its worker process's (`peak_rss_gb`); target: ratio >= 2.5 and jaxrlhf's peak RSS <= TRL's;
+the JSON is also written to experiments/benchmarks/bench_ppo_<name>.json.
 
 Without TRL installed the jaxrlhf numbers are still measured and printed ("trl": null and a
 note on how to install it).
@@ -53,12 +63,13 @@ byte tokenizer) and a prompt JSONL file (format "prompt", bucket 32). ppo.iterat
 --warmup + --iterations, rollout_batch = minibatch_size = 8, ppo_epochs = 1,
 max_new_tokens = 64, missing_eos_penalty = 0, no evaluation, no samples, no intermediate
 checkpoints (the final checkpoint, HF export and plots come after the last timed iteration).
-Two things are patched in `jaxrlhf.trainers.ppo` for the measurement only:
-  * `generate` is wrapped: it is called with eos_id=-1 (an id never sampled, so every
+Two things are patched for the measurement only:
+  * `jaxrlhf.rollout.generate` is wrapped: it is called with eos_id=-1 (an id never sampled, so every
     response has exactly 64 tokens; the byte tokenizer's EOS 258 is in the vocabulary) and
     timed up to `block_until_ready` (the trainer itself blocks on the result right after);
-  * `MetricsLogger` gets tensorboard off and records a timestamp in `advance()`, which the
-    loop calls once per iteration after the iteration's metrics are on the host.
+  * `jaxrlhf.trainers.common.MetricsLogger` gets tensorboard off and records a timestamp in
+    `advance()`, which the loop calls once per iteration (after it dispatched the iteration;
+    the previous iteration's metrics are read back to the host in it).
 Iteration k's wall time = advance(k) - advance(k-1); the first iteration runs from the start
 of its generate call to its advance (it includes every compilation).
 
@@ -147,7 +158,21 @@ def parse_args():
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (jaxrlhf, TRL) per preset; each side's fastest is reported")
-    return ap.parse_args()
+    ap.add_argument("--hf", default="", help="a local HF causal-LM dir: real-model mode")
+    ap.add_argument("--out", default="", help="--hf: where to write the JSON")
+    args = ap.parse_args()
+    if args.hf:   # real-model defaults unless given
+        given = " ".join(sys.argv)
+        for flag, value in (("--new", 128), ("--prompt", 64), ("--iterations", 2),
+                            ("--repeats", 1)):
+            if flag not in given:
+                setattr(args, flag[2:], value)
+    return args
+
+
+def _peak_rss_gb() -> float:
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
 
 
 def _median(xs):
@@ -180,17 +205,30 @@ def make_prompts(args, rng, n_rows=64):
     return ["".join(rng.choice(list(letters), args.prompt)) for _ in range(n_rows)]
 
 
-def export_stages(root, actor, rm):
-    """SFT and RM stage directories (HF export + byte tokenizer record), as PPO reads them."""
+def make_word_prompts(args, rng, tok, n_rows=64):
+    """n_rows prompts of exactly `args.prompt` tokens of a real tokenizer: words that are one
+    token each (with a leading space), drawn at random."""
+    words = [w for w in (" the", " a", " cat", " dog", " house", " tree", " water", " sun",
+                         " red", " blue", " green", " small", " big", " old", " new", " day",
+                         " night", " road", " book", " city", " river", " stone", " bird")
+             if len(tok.encode(w)) == 1]
+    prompts = ["".join(rng.choice(words, args.prompt)) for _ in range(n_rows)]
+    for p in prompts:
+        assert len(tok.encode(p)) == args.prompt, p
+    return prompts
+
+
+def export_stages(root, actor, rm, tokenizer_spec="byte"):
+    """SFT and RM stage directories (HF export + tokenizer record), as PPO reads them."""
     from jaxrlhf.data import load_tokenizer
     from jaxrlhf.trainers.common import export_stage_model
 
-    tok = load_tokenizer("byte")
+    tok = load_tokenizer(tokenizer_spec)
     dirs = {}
     for name, model in (("sft", actor), ("rm", rm)):
         d = os.path.join(root, name)
-        export_stage_model(model, os.path.join(d, "hf"), tokenizer=tok, tokenizer_spec_="byte",
-                           stage=name)
+        export_stage_model(model, os.path.join(d, "hf"), tokenizer=tok,
+                           tokenizer_spec_=tokenizer_spec, stage=name)
         dirs[name] = d
     return dirs
 
@@ -203,9 +241,12 @@ def jax_config(args, dirs, prompts_path):
 
     c = base_config("ppo")
     c.seed = args.seed
-    c.tokenizer = "byte"
+    c.tokenizer = "auto" if args.hf else "byte"
     c.data.path = prompts_path
     c.data.format = "prompt"
+    c.data.chat_template = "raw"   # the prompt ids are the text's ids, as TRL gets them
+    if args.hf:
+        c.model.remat = "full"      # the pretrained-model recipe (configs/ppo.py:data=hh)
     c.data.buckets = (args.prompt,)
     c.data.max_len = args.prompt
     c.data.max_prompt_len = args.prompt
@@ -344,7 +385,13 @@ def run_trl(args, hf_dirs, prompt_ids, out_dir, threads, abort_s=None):
     ref = LlamaForCausalLM.from_pretrained(hf_dirs["policy"], **load).eval()
     reward = LlamaForSequenceClassification.from_pretrained(hf_dirs["rm"], **load).eval()
     value = LlamaForSequenceClassification.from_pretrained(hf_dirs["rm"], **load)
-    tok = trl_tokenizer()
+    if getattr(args, "hf", ""):
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.hf, padding_side="left")
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    else:
+        tok = trl_tokenizer()
     ds = Dataset.from_dict({"input_ids": [list(map(int, r)) for r in prompt_ids]})
     n_it = args.warmup + args.iterations
     config = PPOConfig(
@@ -449,7 +496,7 @@ def trl_worker(spec_path):
         runs[str(t)] = run_trl(args, spec["hf_dirs"], spec["prompt_ids"],
                                os.path.join(spec["out_dir"], f"trl{t}"), t,
                                abort_s=5 * min(done) if done else None)
-    print(json.dumps({"runs": runs, "trl_version": trl.__version__,
+    print(json.dumps({"runs": runs, "trl_version": trl.__version__, "peak_rss_gb": _peak_rss_gb(),
                       "loaded_policy_max_logit_diff": float(np.abs(logits - expected).max())}))
 
 
@@ -459,7 +506,9 @@ def jax_worker(spec_path):
         spec = json.load(f)
     args = argparse.Namespace(**spec["args"])
     bc.pin_cpu_threads(args.threads)
-    print(json.dumps(run_jax(args, spec["dirs"], spec["prompts_path"], spec["stage_dir"])))
+    out = run_jax(args, spec["dirs"], spec["prompts_path"], spec["stage_dir"])
+    out["peak_rss_gb"] = _peak_rss_gb()
+    print(json.dumps(out))
 
 
 def _run_worker(flag, spec, spec_path, env=None):
@@ -499,7 +548,7 @@ def run_trl_subprocess(args, actor, rm, prompt_ids, work):
         logits = hf(input_ids=torch.tensor(prompt_ids[:args.batch])).logits.numpy()
     np.save(os.path.join(work, "expected_logits.npy"), logits)
     spec = {"args": {k: getattr(args, k) for k in ("warmup", "iterations", "threads", "batch",
-                                                   "prompt", "new", "seed")},
+                                                   "prompt", "new", "seed", "hf")},
             "hf_dirs": hf_dirs, "prompt_ids": np.asarray(prompt_ids).tolist(),
             "threads": trl_thread_counts(args), "out_dir": work,
             "expected_logits": os.path.join(work, "expected_logits.npy")}
@@ -571,8 +620,38 @@ def bench_preset(name, args, use_trl, root):
     prompt_ids = np.array([byte_tok.encode(p) for p in prompts], np.int64)
     assert prompt_ids.shape == (len(prompts), args.prompt)
 
-    logit_diff, score_diff = same_weights_check(actor, rm, prompt_ids[:args.batch])
     res = {"preset": name, "params": cfg.num_params()}
+    return run_rounds(res, args, use_trl, actor, rm, dirs, prompts_path, prompt_ids, work)
+
+
+def bench_hf_model(args, use_trl, root):
+    """The real model in `args.hf`: actor and reference from it, reward model and critic = the
+    same trunk with a fresh score head (exported like an RM stage); its own tokenizer; prompts
+    of exactly --prompt one-token words."""
+    import numpy as np
+
+    from jaxrlhf.data import load_tokenizer
+    from jaxrlhf.models import load_hf
+
+    actor = load_hf(args.hf, head="lm")
+    rm = load_hf(args.hf, head="score")
+    work = os.path.join(root, "hf")
+    dirs = export_stages(work, actor, rm, tokenizer_spec=os.path.abspath(args.hf))
+    tok = load_tokenizer(args.hf)
+    prompts = make_word_prompts(args, np.random.default_rng(args.seed), tok)
+    prompts_path = os.path.join(work, "prompts.jsonl")
+    with open(prompts_path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    prompt_ids = np.array([tok.encode(p) for p in prompts], np.int64)
+    res = {"preset": os.path.basename(os.path.normpath(args.hf)),
+           "params": actor.cfg.num_params()}
+    return run_rounds(res, args, use_trl, actor, rm, dirs, prompts_path, prompt_ids, work)
+
+
+def run_rounds(res, args, use_trl, actor, rm, dirs, prompts_path, prompt_ids, work):
+    """--repeats rounds of (jaxrlhf, TRL), each in fresh processes; fills `res`."""
+    logit_diff, score_diff = same_weights_check(actor, rm, prompt_ids[:args.batch])
     res["trl"] = None
     # --repeats rounds alternate the two sides; each side reports its fastest round (the VM's
     # speed drifts by up to 2x over minutes, so one round can land in a slow patch).
@@ -594,8 +673,11 @@ def bench_preset(name, args, use_trl, root):
             t: r["iter_s_median"] if r["iter_s_median"] is not None else r["aborted"]
             for t, r in runs.items()}))
         res["check_trl_loaded_max_logit_diff"] = worker["loaded_policy_max_logit_diff"]
+        res.setdefault("trl_peak_rss_gb_by_round", []).append(worker["peak_rss_gb"])
     res["jax"] = min(jax_rounds, key=lambda x: x["iter_s_median"])
     res["jax_iter_s_median_by_round"] = [x["iter_s_median"] for x in jax_rounds]
+    res["peak_rss_gb"] = {"jax": max(x["peak_rss_gb"] for x in jax_rounds),
+                          "trl": max(res.get("trl_peak_rss_gb_by_round") or [0]) or None}
     if trl_rounds:
         res["trl"] = min(trl_rounds, key=lambda x: x["iter_s_median"])
         res["trl_iter_s_median_by_threads"] = res["trl"].pop("iter_s_median_by_threads")
@@ -654,13 +736,23 @@ def main():
         out["trl_note"] = (f"TRL not measured ({trl_info}). Install it with `{TRL_INSTALL}` "
                            "to compare against trl.experimental.ppo.PPOTrainer.")
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as root:
-        for name in args.presets.split(","):
+        if args.hf:
+            out["presets"].append(bench_hf_model(args, has_trl, root))
+        for name in ([] if args.hf else args.presets.split(",")):
             out["presets"].append(bench_preset(name, args, has_trl, root))
             out["machine"].setdefault("load_average_after", []).append(
                 [name, list(os.getloadavg())])
     flags = [p["meets_target"] for p in out["presets"]]
     out["target"] = f"ratio (jaxrlhf iter/s / TRL iter/s) >= {TARGET_RATIO:g} on every preset"
     out["meets_target"] = None if None in flags else all(flags)
+    if args.hf:
+        out["target"] = "ratio >= 2.5 and jaxrlhf peak RSS <= TRL's"
+        p = out["presets"][0]
+        rss = p["peak_rss_gb"]
+        p["meets_target"] = (None if p["ratio"] is None else
+                             bool(p["ratio"] >= 2.5 and rss["trl"] and rss["jax"] <= rss["trl"]))
+        out["meets_target"] = p["meets_target"]
+        bc.write_result(out, f"bench_ppo_{p['preset']}", args.out)
     print(json.dumps(out, indent=1))
 
 
