@@ -57,6 +57,8 @@ import time
 # The toy presets were measured with the opt-in glibc malloc tuning (see
 # jaxrlhf/_host_malloc.py); set before jaxrlhf is imported. Export
 # JAXRLHF_HOST_MALLOC=default to measure without it.
+# A real model (--hf) runs with the allocator the CLI uses (glibc's default) unless exported.
+REAL_MODEL_MALLOC = os.environ.get("JAXRLHF_HOST_MALLOC", "default")
 os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
 
 import _bench_common as bc  # noqa: E402
@@ -181,7 +183,8 @@ def bench_hf(args, cores) -> dict:
 
     from jaxrlhf.models.hf_io import config_from_hf, read_json
     bandwidth = bc.memory_bandwidth_gbps()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), JAXRLHF_NO_PROGRESS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), JAXRLHF_NO_PROGRESS="1",
+               JAXRLHF_HOST_MALLOC=REAL_MODEL_MALLOC)
     cpus = ",".join(str(c) for c in cores)
     sides = {}
     for side in ("jax", "hf"):
@@ -202,7 +205,8 @@ def bench_hf(args, cores) -> dict:
                      "prompt": args.prompt, "new_tokens": args.new, "group": args.group,
                      "group_prompts": args.group_prompts, "temperature": 1.0,
                      "threads": args.threads, "repeats": args.repeats, "dtype": "float32",
-                     "processes": "one fresh process per side"},
+                     "processes": "one fresh process per side",
+                     "jaxrlhf_host_malloc": REAL_MODEL_MALLOC},
            "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
                        "floor_gbps": round(bw, 2), "load_average_end": os.getloadavg()},
            "jax": sides["jax"], "hf": sides["hf"]}

@@ -133,6 +133,8 @@ import time
 # The toy presets were measured with the opt-in glibc malloc tuning (see
 # jaxrlhf/_host_malloc.py); set before jaxrlhf is imported. Export
 # JAXRLHF_HOST_MALLOC=default to measure without it.
+# A real model (--hf) runs with the allocator the CLI uses (glibc's default) unless exported.
+REAL_MODEL_MALLOC = os.environ.get("JAXRLHF_HOST_MALLOC", "default")
 os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
 
 import _bench_common as bc  # noqa: E402
@@ -735,6 +737,9 @@ def main():
     if not has_trl:
         out["trl_note"] = (f"TRL not measured ({trl_info}). Install it with `{TRL_INSTALL}` "
                            "to compare against trl.experimental.ppo.PPOTrainer.")
+    if args.hf:   # both workers inherit it
+        os.environ["JAXRLHF_HOST_MALLOC"] = REAL_MODEL_MALLOC
+        out["setup"]["jaxrlhf_host_malloc"] = REAL_MODEL_MALLOC
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as root:
         if args.hf:
             out["presets"].append(bench_hf_model(args, has_trl, root))
