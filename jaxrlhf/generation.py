@@ -59,10 +59,6 @@ from jax.sharding import Mesh, NamedSharding
 from jaxrlhf import sharding as shd
 from jaxrlhf.models.transformer import Transformer, linear, positions_from_mask
 
-# Materialises an array once (an optimization barrier keeps XLA from folding the layout
-# change back into every use).
-_HEAD_LAYOUT = lambda w: jax.lax.optimization_barrier(jnp.asarray(w) + 0)
-
 # Logit of a token removed by top-k/top-p: finite, so log-ratios stay finite (no inf - inf).
 _REMOVED = -1e30
 
@@ -265,7 +261,7 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     # The LM head's weight in the layout the decode matmul reads, made once per rollout (a
     # tied head is the embedding's transpose: left inside the loop, XLA may transpose it
     # again at every step).
-    head_DxV = _HEAD_LAYOUT(model.lm_head_weight())
+    head_DxV = jax.lax.optimization_barrier(model.lm_head_weight())
 
     def sample_next(h_Bx1xD, noise_state):
         logits_BxV = linear(h_Bx1xD, head_DxV).astype(jnp.float32)[:, 0]

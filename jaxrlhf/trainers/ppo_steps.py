@@ -54,10 +54,8 @@ def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
 
 def frozen_scores(frozen, rollout, *, graphdefs, opts):
     """Reference log-probs of the response [B, N] and the reward score [B] (the reward
-    model's, or rollout["score"] when a host-side reward filled it in)."""
+    model's)."""
     ref_logp = ro.response_logprobs(graphdefs["ref"], frozen["ref"], rollout, opts["sampling"])
-    if "score" in rollout:
-        return ref_logp, rollout["score"]
     return ref_logp, opts["reward"](frozen["reward"], rollout["tokens"], rollout["mask"])
 
 

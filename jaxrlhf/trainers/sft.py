@@ -17,7 +17,6 @@ from flax import nnx
 
 from jaxrlhf.data import load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
-from jaxrlhf.objectives import token_logprobs
 from jaxrlhf.options import SFTOptions, parse
 from jaxrlhf.trainers import common
 
@@ -26,11 +25,8 @@ def nll_sums(params, graphdef, batch):
     """(Σ NLL over target tokens, number of target tokens) of a batch."""
     model = nnx.merge(graphdef, params)
     tokens = batch["tokens"]
-    if model.cfg.logits_chunk_size():   # never the whole [B, T, V] logits at once
-        h = model.hidden(tokens, batch["attention_mask"])
-        lp = model.target_logprobs(h[:, :-1], tokens[:, 1:])
-    else:
-        lp = token_logprobs(model(tokens, batch["attention_mask"])[:, :-1], tokens[:, 1:])
+    h = model.hidden(tokens, batch["attention_mask"])
+    lp = model.target_logprobs(h[:, :-1], tokens[:, 1:])   # chunked over a large vocabulary
     m = batch["loss_mask"][:, 1:] > 0
     if "batch_mask" in batch:
         m = m & (batch["batch_mask"][:, None] > 0)
