@@ -4,9 +4,16 @@
                       temperature=1.0, eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
 
 Everything between the prompt and the `GenerateResult` is one compiled function, cached per
-(model structure, batch B, prompt length P, max_new_tokens N, sampling options): a rollout
-bucket compiles once. The model crosses the jit boundary as plain pytrees (`nnx.split`
-outside, `nnx.merge` inside).
+(model structure, batch B, prompt length P, max_new_tokens N, num_samples K, sampling
+options): a rollout bucket compiles once. The model crosses the jit boundary as plain pytrees
+(`nnx.split` outside, `nnx.merge` inside).
+
+Several samples per prompt (`num_samples=K`, GRPO-style groups): the prefill runs once on the
+B prompts, into a cache of P slots; its cache, last hidden state and prompt are then repeated
+K times along the batch (row i·K + j is sample j of prompt i, prompt-major) and padded to
+P + N slots, and the decode loop runs on the B·K rows. The prefill costs B rows instead of
+B·K, and the result is that of `generate` on the repeated prompts with the same rng (the
+loop draws per row of the B·K; tokens equal, logprobs to float rounding).
 
 Padding. Prompts should be left-padded (the project convention), but any padding layout is
 handled: the cache is sized exactly P + N, padding slots are excluded through the cache mask,
@@ -57,14 +64,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxrlhf import sharding as shd
-from jaxrlhf.models.transformer import Transformer, linear, positions_from_mask
+from jaxrlhf.models.transformer import KVCache, Transformer, linear, positions_from_mask
 
 # Logit of a token removed by top-k/top-p: finite, so log-ratios stay finite (no inf - inf).
 _REMOVED = -1e30
 
 
 class GenerateResult(NamedTuple):
-    """Output of `generate`. B batch, P prompt length, N = max_new_tokens, L = P + N.
+    """Output of `generate`. B rows (prompts × num_samples, prompt-major), P prompt length,
+    N = max_new_tokens, L = P + N.
 
     tokens:          [B, L] int32, the prompt (as given) followed by `response_tokens`.
     mask:            [B, L] int32, `prompt_mask` followed by `response_mask`: the attention
@@ -203,6 +211,7 @@ class _Options:
     eos_ids: Tuple[int, ...]
     pad_id: int
     greedy: bool
+    num_samples: int
     mesh: Optional[Mesh]
     rules: Optional[tuple]
 
@@ -235,21 +244,34 @@ def _constrain(x, axes, opts: _Options):
     return jax.lax.with_sharding_constraint(x, NamedSharding(opts.mesh, spec))
 
 
+def _repeat_cache(cache: KVCache, k: int, extra: int, place) -> KVCache:
+    """The cache of B prefilled rows as the cache of B·K rows (row i·K + j a copy of row i)
+    with `extra` empty slots appended; `place` is applied to every k / v buffer
+    ([rows, kv heads, slots, Dh])."""
+    def grow(x):
+        return place(jnp.pad(jnp.repeat(x, k, axis=0), ((0, 0), (0, 0), (0, extra), (0, 0))))
+    return KVCache(k=tuple(grow(x) for x in cache.k), v=tuple(grow(x) for x in cache.v),
+                   mask=jnp.pad(jnp.repeat(cache.mask, k, axis=0), ((0, 0), (0, extra))),
+                   index=cache.index)
+
+
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Options):
     global trace_count
     trace_count += 1
     model = nnx.merge(graphdef, state)
     if getattr(model, "head", None) != "lm":
         raise ValueError("generate needs a Transformer with the 'lm' head.")
-    b, p = prompt_BxP.shape
-    n = opts.max_new_tokens
+    num_prompts, p = prompt_BxP.shape
+    n, k = opts.max_new_tokens, opts.num_samples
+    b = num_prompts * k  # rows of the decode loop (the _B arrays after the prefill)
     sample = dict(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                   greedy=opts.greedy)
 
-    # Cache sized exactly P + N; the whole prompt is prefilled at once.
+    # The whole prompt is prefilled at once, into a cache sized exactly P + N (one sample
+    # per prompt), or P (K samples: `_repeat_cache` then makes the B·K rows' P + N cache).
     layers = model.unstacked_layers()
-    kv_axes = ("batch", "kv_heads", "length", "head_dim")
-    cache = model.init_cache(b, p + n, place=lambda x: _constrain(x, kv_axes, opts))
+    place = lambda x: _constrain(x, ("batch", "kv_heads", "length", "head_dim"), opts)
+    cache = model.init_cache(num_prompts, p + n if k == 1 else p, place=place)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     # The first token comes from each row's last real token (any padding layout): the
     # prefill's last layer runs only there.
@@ -257,6 +279,11 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     h_Bx1xD, cache = model.hidden_cached(prompt_BxP, prompt_mask_BxP,
                                          positions_from_mask(prompt_mask_BxP), cache,
                                          select=last[:, None], layers=layers)
+    if k > 1:
+        cache = _repeat_cache(cache, k, n, place)
+        h_Bx1xD, prompt_BxP, prompt_mask_BxP = (
+            _constrain(jnp.repeat(x, k, axis=0), ("batch",) + (None,) * (x.ndim - 1), opts)
+            for x in (h_Bx1xD, prompt_BxP, prompt_mask_BxP))
 
     # The LM head's weight in the layout the decode matmul reads, made once per rollout (a
     # tied head is the embedding's transpose: left inside the loop, XLA may transpose it
@@ -340,9 +367,10 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
              prompt_mask_BxP, rng, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: Union[int, Sequence[int]], pad_id: int,
-             greedy: bool = False,
+             greedy: bool = False, num_samples: int = 1,
              mesh: Optional[Mesh] = None, rules: Optional[shd.Rules] = None) -> GenerateResult:
-    """Samples up to `max_new_tokens` tokens per prompt; returns a `GenerateResult`.
+    """Samples up to `max_new_tokens` tokens, `num_samples` times per prompt; returns a
+    `GenerateResult`.
 
     Args:
       model: a `Transformer` with the "lm" head (unsharded, or sharded per `jaxrlhf.sharding`),
@@ -361,10 +389,15 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
       pad_id: written to `response_tokens` after EOS.
       greedy: take the argmax instead of sampling; logprobs are still log π under the
         options (temperature=0 is accepted with greedy and then stands for T = 1).
+      num_samples: K >= 1 samples per prompt: the result has B·K rows, row i·K + j sample
+        j of prompt i, and equals `generate` on `jnp.repeat(prompts, K, axis=0)` with the
+        same rng (tokens equal, logprobs to float rounding), but the prompts are prefilled
+        once each (module docstring).
       mesh, rules: run under this mesh (batch over the "batch" rule, default data x fsdp;
-        cache kv heads over "tensor"). Defaults to the mesh of the model's parameters.
+        cache kv heads over "tensor"; the decode loop's batch is the B·K rows). Defaults to
+        the mesh of the model's parameters.
 
-    Compiled once per (model structure, B, P, N, options).
+    Compiled once per (model structure, B, P, N, K, options).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
@@ -373,6 +406,8 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
                          f"got {temperature}.")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"Need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}.")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     if prompt_tokens_BxP.shape != prompt_mask_BxP.shape or len(prompt_tokens_BxP.shape) != 2:
         raise ValueError(f"prompt tokens {prompt_tokens_BxP.shape} and mask "
                          f"{prompt_mask_BxP.shape} must be equal [B, P] shapes.")
@@ -384,7 +419,8 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
     opts = _Options(max_new_tokens=int(max_new_tokens),
                     temperature=float(1.0 if greedy and temperature == 0 else temperature),
                     top_k=int(top_k), top_p=float(top_p), eos_ids=stop_ids(eos_id),
-                    pad_id=int(pad_id), greedy=bool(greedy), mesh=mesh, rules=rules)
+                    pad_id=int(pad_id), greedy=bool(greedy), num_samples=int(num_samples),
+                    mesh=mesh, rules=rules)
     prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     prompt_mask_BxP = jnp.asarray(prompt_mask_BxP, jnp.int32)
     if mesh is not None:

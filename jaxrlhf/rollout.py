@@ -29,7 +29,6 @@ import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -57,13 +56,12 @@ class Sampling:
 def sample(policy, prompt_tokens, prompt_mask, rng, sampling: Sampling, *, eos_id, pad_id: int,
            k: int = 1, mesh=None) -> Dict[str, jax.Array]:
     """K sampled responses per prompt (row i·K + j is sample j of prompt i) as a rollout dict.
-    `policy` is an LM-head `Transformer` or its (graphdef, params) pair."""
-    if k > 1:
-        prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens), k, axis=0)
-        prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), k, axis=0)
+    `policy` is an LM-head `Transformer` or its (graphdef, params) pair. Each prompt is
+    prefilled once and its KV cache shared by its K samples (`generate(num_samples=k)`); the
+    result equals sampling the prompts repeated K times with the same rng."""
     res = generate(policy, prompt_tokens, prompt_mask, rng,
                    max_new_tokens=sampling.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                   mesh=mesh, **sampling.logprob_kw())
+                   num_samples=k, mesh=mesh, **sampling.logprob_kw())
     return {"tokens": res.tokens, "mask": res.mask, "response_tokens": res.response_tokens,
             "response_mask": res.response_mask, "finished": res.finished}
 

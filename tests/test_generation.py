@@ -290,6 +290,53 @@ def test_same_rng_same_output(model):
 
 
 # ---------------------------------------------------------------------------------------
+# Several samples per prompt (one prefill per prompt).
+
+def assert_same_rollout(got, want):
+    """Equal tokens, masks and lengths; logprobs equal to float rounding."""
+    for name in ("tokens", "mask", "response_tokens", "response_mask", "finished", "lengths",
+                 "num_steps"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)),
+                                      np.asarray(getattr(want, name)), err_msg=name)
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [dict(temperature=0.9, top_k=30), dict(greedy=True)],
+                         ids=["sampled", "greedy"])
+def test_num_samples_equals_repeated_prompts(model, opts):
+    """K samples per prompt from one prefill each give the rollout of the prompts repeated K
+    times (prompt-major rows), for left-padded prompts of different lengths."""
+    toks, mask = prompts(batch=3, length=7)
+    k = 4
+    kw = dict(max_new_tokens=10, eos_id=EOS, pad_id=PAD, **opts)
+    shared = gen.generate(model, toks, mask, jax.random.key(6), num_samples=k, **kw)
+    repeated = gen.generate(model, jnp.repeat(toks, k, 0), jnp.repeat(mask, k, 0),
+                            jax.random.key(6), **kw)
+    assert shared.tokens.shape == (3 * k, 17)
+    assert_same_rollout(shared, repeated)
+    resp = np.asarray(shared.response_tokens)
+    if not opts.get("greedy"):
+        assert len({tuple(r) for r in resp[:k]}) > 1   # K different samples of prompt 0
+    else:
+        np.testing.assert_array_equal(resp, np.repeat(resp[::k], k, axis=0))
+
+
+def test_num_samples_stops_early_once_every_row_finished(model):
+    toks, mask = left_padded([[5, 6, 7], [9, 3]], 3)
+    kw = dict(max_new_tokens=12, pad_id=PAD, greedy=True)
+    free = gen.generate(model, toks, mask, jax.random.key(0), eos_id=-1, **kw)
+    eos = int(free.response_tokens[0, 1])
+    res = gen.generate(model, toks, mask, jax.random.key(0), eos_id=eos, num_samples=2, **kw)
+    assert bool(res.finished.all()) and int(res.num_steps) < 12
+    repeated = gen.generate(model, jnp.repeat(toks, 2, 0), jnp.repeat(mask, 2, 0),
+                            jax.random.key(0), eos_id=eos, **kw)
+    assert_same_rollout(res, repeated)
+    with pytest.raises(ValueError, match="num_samples"):
+        gen.generate(model, toks, mask, jax.random.key(0), eos_id=eos, max_new_tokens=2,
+                     pad_id=PAD, num_samples=0)
+
+
+# ---------------------------------------------------------------------------------------
 # Compilation and sharding.
 
 def test_compiles_once_per_bucket(model):
@@ -325,6 +372,20 @@ def test_sharded_8_devices_equals_single_device(model):
                                       np.asarray(one.response_mask))
         np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(one.logprobs),
                                    atol=1e-5)
+
+
+def test_num_samples_sharded_8_devices(model):
+    """2 prompts x 4 samples on the 2x2x2 mesh: the prefill's 2 rows and the decode loop's 8
+    are sharded differently; the result equals the single-device run on repeated prompts."""
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = shd.shard_model(model, mesh)
+    toks, mask = prompts(batch=2, length=7)
+    kw = dict(max_new_tokens=8, eos_id=EOS, pad_id=PAD, temperature=0.9, top_k=30)
+    many = gen.generate(sharded, toks, mask, jax.random.key(4), num_samples=4, **kw)
+    one = gen.generate(model, jnp.repeat(toks, 4, 0), jnp.repeat(mask, 4, 0),
+                       jax.random.key(4), **kw)
+    assert many.tokens.sharding.num_devices == 8
+    assert_same_rollout(many, one)
 
 
 def test_rejects_bad_arguments(model):
