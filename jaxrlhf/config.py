@@ -183,7 +183,8 @@ def parse_arg(arg: str | None, **defaults):
 
 
 def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
-    """Stage `pipeline`: full configs of the three stages under `pipeline.{sft,rm,ppo}`.
+    """Stage `pipeline`: full configs of the three stages under `pipeline.{sft,rm,ppo}`
+    (rm_cfg None: SFT -> RL only, the RL stage scored by its `ppo.reward_fns`).
 
     Top-level seed / mesh / distributed are copied into every stage. Iterated RLHF:
       pipeline.iterations            rounds of (new comparisons -> RM -> PPO); 1 = plain pipeline
@@ -200,7 +201,10 @@ def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False
     p = c.pipeline = ml_collections.ConfigDict()
-    p.sft, p.rm, p.ppo = sft_cfg, rm_cfg, ppo_cfg
+    p.sft, p.ppo = sft_cfg, ppo_cfg
+    if rm_cfg is not None:   # None: the RL stage's reward is Python functions only
+        p.rm = rm_cfg
+    p.rl_dir = "ppo"          # directory name of the RL stage
     p.iterations = 1
     p.comparisons_k = 4
     p.comparisons_per_round = 512

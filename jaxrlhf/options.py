@@ -219,10 +219,15 @@ class PPOOptions:
     uncertainty_coef: float = 0.0  # lambda of the ensemble score (0 = the ensemble mean)
     critic_init: str = ""         # "" = reward_init (InstructGPT: critic starts from the RM)
     ref_init: str = ""            # "" = actor_init; iterated RLHF keeps the SFT model as reference
-    critic: str = "separate"      # "separate" model, or "shared": value head on the actor's trunk
+    critic: str = "auto"          # "separate" model, "shared" (a value head on the actor's
+                                  # trunk), "none" (critic-free estimators); "auto": "separate"
+                                  # for gae / monte_carlo, "none" for the critic-free ones
     iterations: int = 100         # PPO iterations (rollout + updates)
     rollout_batch: int = 32       # prompts per iteration (global)
-    minibatch_size: int = 16      # rollouts per update (global); divides rollout_batch
+    samples_per_prompt: int = 1   # K responses per prompt (rows = rollout_batch * K, prompt-
+                                  # major; the prompt's prefill is shared by its K samples)
+    minibatch_size: int = 16      # rollouts (rows) per update (global); divides
+                                  # rollout_batch * samples_per_prompt
     ppo_epochs: int = 2           # passes over each rollout batch
     grad_accum: int = 1           # micro-batches per update (exact)
     fused_first_update: bool = True  # with one minibatch (minibatch_size == rollout_batch)
@@ -234,13 +239,19 @@ class PPOOptions:
     top_p: float = 1.0
     kl_coef: float = 0.05         # beta (initial beta for the adaptive controller)
     kl_estimator: str = "k1"      # "k1" | "k2" | "k3" per-token KL in the reward
+    kl_loss_coef: float = 0.0     # KL(pi || pi_ref) in the loss instead (GRPO: 0.04), weight
+    kl_loss_estimator: str = "k3"  # its per-token estimator, aggregated like the policy loss
     kl_controller: str = "fixed"  # "fixed" | "adaptive" (Ziegler et al. 2019)
     kl_target: float = 6.0        # adaptive: target KL per sequence (nats)
     kl_horizon: float = 10000.0   # adaptive: horizon in samples
-    advantage_estimator: str = "gae"  # "gae" | "monte_carlo" (GAE with lambda = 1)
+    advantage_estimator: str = "gae"  # with a critic: "gae" | "monte_carlo" (GAE, lambda = 1);
+                                  # critic-free (one score per response): "grpo" | "dr_grpo" |
+                                  # "rloo" | "reinforce_pp" | "reinforce_pp_baseline"
+    advantage_eps: float = 1e-6   # epsilon of the grpo / reinforce_pp std division
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
+    clip_eps_high: float = 0.0    # 0 = clip_eps; else the upper clip 1 + clip_eps_high (DAPO)
     dual_clip: float = 0.0        # 0 = off; else the dual-clip constant c > 1 (Ye et al. 2020)
     vf_clip_eps: float = 0.2
     vf_coef: float = 0.5
@@ -253,32 +264,93 @@ class PPOOptions:
     reward_norm: str = "none"     # "none" | "running": divide scores by the running std (and
                                   # subtract the running mean) of all scores seen so far
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
+    overlong_buffer: int = 0      # > 0: DAPO's soft overlong penalty over the last
+                                  # overlong_buffer tokens before max_new_tokens
+    overlong_penalty: float = 1.0  # its maximum (reached at max_new_tokens)
+    filter_uniform_groups: bool = False  # DAPO dynamic sampling, masked: groups whose K scores
+                                  # are equal are left out of the loss (shapes stay static)
+    reward_fns: str = ""          # Python rewards "pkg.module:function[*weight]", comma-separated;
+                                  # fn(prompts, responses, metadata) -> one score per response
+    reward_model_coef: float = 1.0  # weight of the reward model's score when reward_fns are set
+    reward_fn_errors: str = "raise"  # a reward function that raises or returns a non-finite
+                                  # score: "raise" (stop, naming the row) or "penalty" (score
+                                  # the row reward_fn_penalty; counted and logged)
+    reward_fn_penalty: float = -1.0
     actor_lr: float = 1e-4
     critic_lr: float = 1e-4
     warmup_iterations: int = 0
     sample_every: int = 10        # print / write sample generations every n iterations
     gold_reward: bool = True      # built-in task: log the gold reward of every rollout
+    eval_greedy: bool = False     # held-out evaluation decodes greedily (accuracy) instead
+                                  # of sampling from the training distribution
     eval_prompts: int = 256       # held-out prompts scored before PPO (the SFT policy), every
                                   # train.eval_every iterations, and at the end (the first
                                   # eval_prompts of eval_data, rounded up to whole rollout batches)
 
+    @property
+    def rows(self) -> int:
+        """Rollout rows per iteration: rollout_batch prompts x samples_per_prompt."""
+        return self.rollout_batch * self.samples_per_prompt
+
+    @property
+    def critic_free(self) -> bool:
+        from jaxrlhf.objectives import registry
+        return self.advantage_estimator in registry.names("outcome_advantage")
+
+    @property
+    def critic_kind(self) -> str:
+        """"separate" | "shared" | "none", with "auto" resolved by the estimator."""
+        if self.critic != "auto":
+            return self.critic
+        return "none" if self.critic_free else "separate"
+
     def check(self, b: str) -> None:
         from jaxrlhf.objectives import registry
-        _one_of(b, "critic", self.critic, ("separate", "shared"))
+        _one_of(b, "critic", self.critic, ("auto", "separate", "shared", "none"))
+        _one_of(b, "reward_fn_errors", self.reward_fn_errors, ("raise", "penalty"))
+        _one_of(b, "kl_loss_estimator", self.kl_loss_estimator, registry.names("kl"))
         _one_of(b, "reward_norm", self.reward_norm, ("none", "running"))
         _one_of(b, "kl_controller", self.kl_controller, ("fixed", "adaptive"))
         _one_of(b, "kl_estimator", self.kl_estimator, registry.names("kl"))
         _one_of(b, "loss_agg", self.loss_agg, registry.names("loss_agg"))
-        _one_of(b, "advantage_estimator", self.advantage_estimator, registry.names("advantage"))
+        _one_of(b, "advantage_estimator", self.advantage_estimator,
+                registry.names("advantage") + registry.names("outcome_advantage"))
+        if self.critic_free and self.critic not in ("auto", "none"):
+            _fail(b, "critic", f"must be 'auto' or 'none' with the critic-free estimator "
+                               f"{self.advantage_estimator!r}, got {self.critic!r}")
+        if not self.critic_free and self.critic == "none":
+            _fail(b, "critic", f"'none' needs a critic-free advantage_estimator, got "
+                               f"{self.advantage_estimator!r}")
+        from jaxrlhf.objectives import GROUP_ESTIMATORS
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            _fail(b, "samples_per_prompt", f"must be >= 2 for {self.advantage_estimator!r} "
+                                           f"(it compares the samples of a prompt), got "
+                                           f"{self.samples_per_prompt}")
+        if self.filter_uniform_groups and self.samples_per_prompt < 2:
+            _fail(b, "filter_uniform_groups", "needs samples_per_prompt >= 2")
+        for name in ("clip_eps_high", "kl_loss_coef", "overlong_penalty", "reward_model_coef",
+                     "advantage_eps"):
+            if getattr(self, name) < 0:
+                _fail(b, name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.overlong_buffer < 0 or self.overlong_buffer > self.max_new_tokens:
+            _fail(b, "overlong_buffer", f"must be in [0, max_new_tokens={self.max_new_tokens}],"
+                                        f" got {self.overlong_buffer}")
+        if self.reward_fns:
+            from jaxrlhf.rewards import parse_reward_fns
+            try:
+                parse_reward_fns(self.reward_fns, load=False)
+            except ValueError as e:
+                _fail(b, "reward_fns", str(e))
         for name in ("iterations", "warmup_iterations", "top_k", "sample_every",
                      "eval_prompts"):
             _at_least(b, name, getattr(self, name), 0)
         for name in ("rollout_batch", "minibatch_size", "ppo_epochs", "grad_accum",
-                     "max_new_tokens", "ptx_batch_size"):
+                     "max_new_tokens", "ptx_batch_size", "samples_per_prompt"):
             _at_least(b, name, getattr(self, name), 1)
-        if self.rollout_batch % self.minibatch_size:
-            _fail(b, "minibatch_size", f"({self.minibatch_size}) must divide ppo.rollout_batch "
-                                       f"({self.rollout_batch})")
+        if self.rows % self.minibatch_size:
+            _fail(b, "minibatch_size", f"({self.minibatch_size}) must divide the rollout rows "
+                                       f"ppo.rollout_batch * ppo.samples_per_prompt "
+                                       f"({self.rows})")
         if not self.temperature > 0:
             _fail(b, "temperature", f"must be > 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -292,3 +364,44 @@ class PPOOptions:
         _in_range(b, "lam", self.lam, 0.0, 1.0)
         if self.reward_ensemble and self.uncertainty_coef < 0:
             _fail(b, "uncertainty_coef", f"must be >= 0, got {self.uncertainty_coef!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# Named algorithms: each paper's choice of the orthogonal `ppo.*` options above. Apply one with
+# `apply_algorithm(config.ppo, name)` and override fields after it; the fields stay the truth
+# (the stage never reads the name).
+
+ALGORITHMS = {
+    # Critic + GAE (a value head on the actor's trunk: no reward model or critic checkpoint).
+    "ppo": dict(advantage_estimator="gae", critic="shared", loss_agg="token_mean",
+                kl_coef=0.05, kl_loss_coef=0.0, whiten_advantages=True),
+    # Shao et al. 2024: group-normalised advantages, per-sequence mean loss, k3 KL in the loss.
+    "grpo": dict(advantage_estimator="grpo", critic="none", loss_agg="seq_mean",
+                 kl_coef=0.0, kl_loss_coef=0.04, kl_loss_estimator="k3"),
+    # Liu et al. 2025: no std division, no length normalisation, no KL.
+    "dr_grpo": dict(advantage_estimator="dr_grpo", critic="none", loss_agg="seq_sum_norm",
+                    kl_coef=0.0, kl_loss_coef=0.0),
+    # Yu et al. 2025: token-level loss, clip-higher, dynamic sampling (masked), overlong
+    # shaping (set ppo.overlong_buffer for the response length), no KL.
+    "dapo": dict(advantage_estimator="grpo", critic="none", loss_agg="token_mean",
+                 clip_eps=0.2, clip_eps_high=0.28, filter_uniform_groups=True,
+                 kl_coef=0.0, kl_loss_coef=0.0),
+    # Ahmadian et al. 2024: leave-one-out baseline, KL in the reward.
+    "rloo": dict(advantage_estimator="rloo", critic="none", loss_agg="token_mean",
+                 kl_coef=0.05, kl_estimator="k1", kl_loss_coef=0.0),
+    # Hu 2025: per-token KL in the reward, advantages normalised over the batch.
+    "reinforce_pp": dict(advantage_estimator="reinforce_pp", critic="none",
+                         loss_agg="token_mean", kl_coef=0.05, kl_estimator="k1",
+                         kl_loss_coef=0.0),
+    "reinforce_pp_baseline": dict(advantage_estimator="reinforce_pp_baseline", critic="none",
+                                  loss_agg="token_mean", kl_coef=0.05, kl_estimator="k1",
+                                  kl_loss_coef=0.0),
+}
+
+
+def apply_algorithm(ppo_block, name: str) -> None:
+    """Sets the `ppo.*` fields of a named algorithm (see ALGORITHMS) on a config block."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))}")
+    for k, v in ALGORITHMS[name].items():
+        ppo_block[k] = v

@@ -54,14 +54,15 @@ class Sampling:
 
 
 def sample(policy, prompt_tokens, prompt_mask, rng, sampling: Sampling, *, eos_id, pad_id: int,
-           k: int = 1, mesh=None) -> Dict[str, jax.Array]:
+           k: int = 1, mesh=None, greedy: bool = False) -> Dict[str, jax.Array]:
     """K sampled responses per prompt (row i·K + j is sample j of prompt i) as a rollout dict.
     `policy` is an LM-head `Transformer` or its (graphdef, params) pair. Each prompt is
     prefilled once and its KV cache shared by its K samples (`generate(num_samples=k)`); the
-    result equals sampling the prompts repeated K times with the same rng."""
+    result equals sampling the prompts repeated K times with the same rng. `greedy` takes the
+    argmax instead (log-probs still under `sampling`)."""
     res = generate(policy, prompt_tokens, prompt_mask, rng,
                    max_new_tokens=sampling.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                   num_samples=k, mesh=mesh, **sampling.logprob_kw())
+                   num_samples=k, mesh=mesh, greedy=greedy, **sampling.logprob_kw())
     return {"tokens": res.tokens, "mask": res.mask, "response_tokens": res.response_tokens,
             "response_mask": res.response_mask, "finished": res.finished}
 

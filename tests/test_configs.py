@@ -15,7 +15,7 @@ CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(R
                                                                                "*.py")))
 # Extra variants per config, run in addition to the default one.
 VARIANTS = {"sft": ["data=hh", "init_from={hf}"], "rm": ["data=hh", "init_from={hf}"],
-            "ppo": ["data=hh,sft={sft},rm={rm}"]}
+            "ppo": ["data=hh,sft={sft},rm={rm}"], "grpo": ["task=arithmetic,model={chat_hf}"]}
 # Configs whose default needs earlier stages get them from tiny random exports (the
 # session-wide `stage_dirs` fixture of conftest.py).
 DEFAULT_ARG = {"ppo": "sft={sft},rm={rm}", "rm_ensemble": "m=2",
@@ -39,7 +39,9 @@ def _one_step(name, cfg):
             cfg.pipeline.ppo[block].buckets = (64,)
             cfg.pipeline.ppo[block].max_prompt_len = 64
         return cfg
-    if name == "ppo":
+    if name == "grpo" and cfg.stage == "pipeline":   # SFT -> GRPO
+        return shrink_pipeline(cfg, iterations=1)
+    if name in ("ppo", "grpo"):
         return shrink_ppo(cfg, iterations=1)
     cfg = shrink(cfg, steps=1)
     cfg.train.eval_batches = 1

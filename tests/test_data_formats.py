@@ -31,8 +31,11 @@ FORMAT_CASES = {
                  {"prompt": "q", "responses": ["x", "y"], "ranks": [0, 1]}],
                 [{"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 0, 1]},
                  {"prompt": "q", "responses": ["x", "y"], "ranks": [0, 1]}]),
-    "prompt": ([{"prompt": "tell me"}], [{"prompt": "tell me"}]),
-    "prompt_messages": ([{"messages": MSGS[:2]}], [{"messages": MSGS[:2]}]),
+    # Other fields of a prompt row travel as "meta" (reward functions' metadata).
+    "prompt": ([{"prompt": "tell me", "answer": "x"}, {"prompt": "2+2=", "answer": "4"}],
+               [{"prompt": "tell me", "meta": {"answer": "x"}},
+                {"prompt": "2+2=", "meta": {"answer": "4"}}]),
+    "prompt_messages": ([{"messages": MSGS[:2]}], [{"messages": MSGS[:2], "meta": {}}]),
     "ptx": ([{"text": "once upon a time"}], [{"text": "once upon a time"}]),
 }
 FILE_TYPES = ["jsonl", "jsonl.gz", "json", "json.gz", "parquet", "csv"]

@@ -131,7 +131,9 @@ def test_chan_merge_equals_one_pass_for_any_split(seed, cuts):
 def test_registry_lookup_and_errors():
     assert registry.names("kl") == ("k1", "k2", "k3")
     assert registry.names("advantage") == ("gae", "monte_carlo")
-    assert registry.names("loss_agg") == ("seq_mean", "seq_sum", "token_mean")
+    assert registry.names("loss_agg") == ("seq_mean", "seq_sum", "seq_sum_norm", "token_mean")
+    assert registry.names("outcome_advantage") == ("dr_grpo", "grpo", "reinforce_pp",
+                                                   "reinforce_pp_baseline", "rloo")
     assert registry.get("advantage", "gae") is obj.gae
     with pytest.raises(ValueError, match=r"valid names: \['k1', 'k2', 'k3'\]"):
         registry.get("kl", "k4")

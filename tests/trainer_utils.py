@@ -42,7 +42,7 @@ def shrink_ppo(c, iterations: int = 3):
     """A tiny PPO config: 8 prompts per iteration, 2 minibatches, 8 new tokens."""
     c.ppo.iterations = iterations
     c.ppo.rollout_batch = 8
-    c.ppo.minibatch_size = 4
+    c.ppo.minibatch_size = 4 * c.ppo.samples_per_prompt
     c.ppo.ppo_epochs = 2
     c.ppo.max_new_tokens = 8
     c.ppo.ptx_batch_size = 4
@@ -62,8 +62,9 @@ def shrink_pipeline(c, steps: int = 4, iterations: int = 2):
     `iterations` iterations, one mesh device. test_configs.py and test_ppo.py's pipeline test
     use the same values, so the session's compilation cache compiles each stage once."""
     for name in ("sft", "rm"):
-        shrink(c.pipeline[name], steps=steps)
-        c.pipeline[name].train.eval_every = 0
+        if name in c.pipeline:   # a pipeline without an RM stage (Python rewards)
+            shrink(c.pipeline[name], steps=steps)
+            c.pipeline[name].train.eval_every = 0
     shrink_ppo(c.pipeline.ppo, iterations=iterations)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     return c
@@ -117,3 +118,49 @@ def poison_batches(monkeypatch, poisoned_position):
         return it, ev
 
     monkeypatch.setattr(common, "data_iterators", patched)
+
+
+def flaky_reward(prompts, responses, metadata):
+    """A reward function for the error-policy tests: the response length, but it raises on a
+    response containing "a" or whose first character's code is 1 mod 4, and returns NaN for
+    one containing "b" or whose first code is 2 mod 4 (about half of random byte strings)."""
+    out = []
+    for r in responses:
+        first = ord(r[0]) % 4 if r else 0
+        if "a" in r or first == 1:
+            raise RuntimeError("cannot score a response with 'a'")
+        out.append(float("nan") if "b" in r or first == 2 else float(len(r)))
+    return out
+
+
+def distinct_chars_reward(prompts, responses, metadata):
+    """Number of distinct characters of the response: varies between random samples, so group
+    advantages are not all zero even for an untrained policy."""
+    return [float(len(set(r))) for r in responses]
+
+
+def run_preempted(cfg, stage_dir, monkeypatch, position: int = 2):
+    """Runs a stage that gets SIGTERM when its training iterator reaches `position` in epoch 0
+    (it must raise `Preempted` after saving), then runs it again to the end (the resume).
+    Returns the latest checkpoint step at the interruption."""
+    import signal
+
+    import pytest
+
+    from jaxrlhf.checkpoint import Checkpointer
+    from jaxrlhf.data import batching
+    from jaxrlhf.trainers import common, runner
+    orig = batching.BatchIterator.__next__
+
+    def interrupting(self):
+        if self.shuffle and self.position == position and self.epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(batching.BatchIterator, "__next__", interrupting)
+        with pytest.raises(common.Preempted):
+            runner.run(cfg, stage_dir)
+    saved = Checkpointer(os.path.join(stage_dir, "checkpoints")).latest_step()
+    runner.run(cfg, stage_dir)
+    return saved

@@ -36,7 +36,9 @@ Trainers embed `default_data_config()` as `config.data`. Every loader takes eith
                 lose their oldest turns first ("left_prompt", counted as prompt_turns_dropped),
                 never part of a turn. "raw": the text as it is (HH transcripts verbatim,
                 messages through the HH-style fallback template)
-  synthetic     parameters of `SyntheticTask` when path == "synthetic" (plus num_examples)
+  synthetic     the built-in tasks when path == "synthetic": task = "sort" (`SyntheticTask`,
+                its parameters) or "arithmetic" (`ArithmeticTask`: max_operand, ops, chat);
+                plus num_examples
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def default_synthetic_config() -> dict[str, Any]:
     """Defaults of the built-in task (see `SyntheticTask` for the meaning of each field)."""
     return dict(seed=0, num_examples=4096, noise=0.2, label_noise=0.1, temperature=0.25,
                 tie_margin=0.0, min_letters=3, max_letters=8, alphabet="abcdefghij",
-                overlength_penalty=1.0, repeat_penalty=1.0, candidate_noise=(0.0, 0.7))
+                overlength_penalty=1.0, repeat_penalty=1.0, candidate_noise=(0.0, 0.7),
+                task="sort", max_operand=99, ops="+", chat=False)
 
 
 def default_data_config():

@@ -24,7 +24,9 @@ Formats and their normalised examples (file rows and synthetic rows alike; `fiel
               the last "\\n\\nAssistant:" and must be the same in both, else the row is bad
               ("mismatched_prefix"); the response is the rest  -> as preference
   ranking     {prompt, responses: [...], ranks: [...]}  K >= 2, rank 0 is best, equal ranks tie
-  prompt      {prompt} or {messages}                 (PPO prompts)
+  prompt      {prompt} or {messages}                 (RL prompts; the row's other fields are
+                                                     kept as "meta", the metadata reward
+                                                     functions receive)
   ptx         {text}                                 (pretraining text)
 Every example also carries "_file" and "_line" (where it came from). Text fields must be
 non-empty after stripping whitespace.
@@ -483,14 +485,18 @@ def normalize_row(row: Any, fmt: str, fields: Mapping[str, str] | None = None,
     fields = fields or {}
     if not isinstance(row, Mapping):
         raise _Bad("wrong_type", f"a row must be a JSON object, got {type(row).__name__}")
-    if fmt in ("sft", "prompt") and _has(row, "messages", fields):
-        last = "assistant" if fmt == "sft" else None
-        return {"messages": _messages(_field(row, "messages", fields), from_csv, last)}
+    if fmt == "prompt":   # the row's other fields travel to reward functions as metadata
+        meta = {k: v for k, v in row.items()
+                if k not in (fields.get("prompt", "prompt"), fields.get("messages", "messages"))}
+        if _has(row, "messages", fields):
+            return {"messages": _messages(_field(row, "messages", fields), from_csv, None),
+                    "meta": meta}
+        return {"prompt": _text(_field(row, "prompt", fields), "prompt"), "meta": meta}
+    if fmt == "sft" and _has(row, "messages", fields):
+        return {"messages": _messages(_field(row, "messages", fields), from_csv, "assistant")}
     if fmt == "sft":
         return {"prompt": _text(_field(row, "prompt", fields), "prompt"),
                 "response": _text(_field(row, "response", fields), "response")}
-    if fmt == "prompt":
-        return {"prompt": _text(_field(row, "prompt", fields), "prompt")}
     if fmt == "ptx":
         return {"text": _text(_field(row, "text", fields), "text")}
     if fmt == "preference":

@@ -41,6 +41,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+# Keys of the `data.synthetic` block that belong to the arithmetic task (and its selector).
+ARITHMETIC_KEYS = ("task", "max_operand", "ops", "chat")
+
 _STREAMS = {"sft": 1, "ranking": 2, "preference": 3, "prompt": 4, "ptx": 5}
 
 
@@ -79,7 +82,8 @@ class SyntheticTask:
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> "SyntheticTask":
         """From the `data.synthetic` block (num_examples is ignored here)."""
         d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        d.pop("num_examples", None)
+        for k in ("num_examples",) + ARITHMETIC_KEYS:
+            d.pop(k, None)
         return cls(d.pop("seed", 0), **d)
 
     @property
@@ -285,8 +289,20 @@ def synthetic_rows(opts) -> list:
 
     syn = dict(opts.synthetic)
     n = int(syn.get("num_examples", 4096))
-    task = SyntheticTask.from_config(syn)
     fmt, split = opts.format, opts.split
+    kind = syn.get("task", "sort")
+    if kind == "arithmetic":
+        from jaxrlhf.data.arithmetic import ArithmeticTask
+        arith = ArithmeticTask(int(syn.get("seed", 0)), max_operand=syn.get("max_operand", 99),
+                               ops=syn.get("ops", "+"), chat=syn.get("chat", False))
+        if fmt not in ("sft", "prompt"):
+            raise ValueError(f"the arithmetic task has no {fmt!r} data (it has sft, prompt)")
+        rows = (arith.sft_examples if fmt == "sft" else arith.prompt_examples)(n, split)
+        name = f"synthetic:arithmetic:{fmt}:{split}"
+        return [RawRow(name, i + 1, row, row) for i, row in enumerate(rows)]
+    if kind != "sort":
+        raise ValueError(f"data.synthetic.task must be 'sort' or 'arithmetic', got {kind!r}")
+    task = SyntheticTask.from_config(syn)
     if fmt == "sft":
         rows = task.sft_examples(n, split)
     elif fmt == "ranking":

@@ -5,6 +5,8 @@ Modes, for a per-token loss ℓ_BxT and response mask m_BxT (n_b = Σ_t m_bt val
   "token_mean" (default)  Σ_b Σ_t m ℓ / N_tok          N_tok = Σ_b n_b
   "seq_mean"              Σ_b [n_b>0] (Σ_t m ℓ / n_b) / N_seq     N_seq = #{b : n_b > 0}
   "seq_sum"               Σ_b Σ_t m ℓ / N_seq         (token sum per sequence, mean over sequences)
+  "seq_sum_norm"          Σ_b Σ_t m ℓ / (N_seq · T)   T = the padded length ℓ_BxT.shape[-1], a
+                                                     constant (Dr. GRPO: no length normalisation)
 
 "token_mean" is the default because it is what TRL and OpenRLHF PPO do (`masked_mean` over the
 whole minibatch): every token weighs the same, so long responses are not down-weighted.
@@ -67,6 +69,15 @@ def seq_sum(loss_BxT: jax.Array, mask_BxT: jax.Array, *, num_tokens=None,
     del num_tokens
     l = _masked_loss(loss_BxT, mask_BxT)
     return safe_divide(jnp.sum(l), _denominator(_num_valid_seqs(mask_BxT, l.dtype), num_seqs))
+
+
+@registry.register("loss_agg", "seq_sum_norm")
+def seq_sum_norm(loss_BxT: jax.Array, mask_BxT: jax.Array, *, num_tokens=None,
+                 num_seqs=None) -> jax.Array:
+    """Σ_{b,t} m ℓ / (N_seq · T) with T = loss_BxT.shape[-1] (the maximum response length): every
+    token weighs the same whatever its sequence's length (Dr. GRPO's constant normaliser)."""
+    return seq_sum(loss_BxT, mask_BxT, num_tokens=num_tokens,
+                   num_seqs=num_seqs) / loss_BxT.shape[-1]
 
 
 def aggregate(loss_BxT: jax.Array, mask_BxT: jax.Array, mode: str = DEFAULT_LOSS_AGG, *,

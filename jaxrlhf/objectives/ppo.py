@@ -29,13 +29,16 @@ def _masked_max(x: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def ppo_policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT: jax.Array,
-                    mask_BxT: jax.Array, *, clip_eps: Scalar = 0.2, dual_clip: Scalar | None = None,
+                    mask_BxT: jax.Array, *, clip_eps: Scalar = 0.2,
+                    clip_eps_high: Scalar | None = None, dual_clip: Scalar | None = None,
                     agg: str = DEFAULT_LOSS_AGG, num_tokens: Scalar | None = None,
                     num_seqs: Scalar | None = None) -> tuple[jax.Array, dict]:
     """PPO clipped surrogate (Schulman et al. 2017), optionally dual-clipped (Ye et al. 2020).
 
       ρ_t  = exp(clip(logp_t − old_logp_t, ±20))
-      ℓ_t  = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε))            = −min(ρA, clip(ρ)A)
+      ℓ_t  = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε_high))       = −min(ρA, clip(ρ)A)
+      ε_high = ε unless `clip_eps_high` is given (DAPO's "clip higher": ε_high > ε lets the
+      probability of an unlikely token with A > 0 grow further before the clip)
       dual clip c > 1:  ℓ_t = min(ℓ_t, −c A_t)  where A_t < 0   (caps the loss of a huge ρ)
       loss = agg_t(ℓ_t)
 
@@ -44,7 +47,8 @@ def ppo_policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT
       old_logp_BxT: log π_old(y_t) from the rollout (treated as a constant).
       advantages_BxT: A_t (constant; whiten beforehand if wanted).
       mask_BxT: 1 on response tokens.
-      clip_eps: ε. dual_clip: c (> 1) or None.
+      clip_eps: ε (the lower clip). clip_eps_high: ε_high or None (= ε).
+      dual_clip: c (> 1) or None.
       agg, num_tokens, num_seqs: aggregation (see `aggregation.aggregate`).
 
     Metrics: policy_loss; approx_kl = masked mean of k3 for KL(π_old ‖ π_θ), i.e.
@@ -60,7 +64,8 @@ def ppo_policy_loss(logp_BxT: jax.Array, old_logp_BxT: jax.Array, advantages_BxT
     log_ratio = clamped_log_ratio(logp, old_logp, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
     per_token = jnp.maximum(unclipped, clipped)
     metrics = {}
     if dual_clip is not None:

@@ -3,11 +3,13 @@
 Kinds and what their functions look like:
 
     "advantage": (rewards_BxT, values_BxT, mask_BxT, *, gamma, lam) -> (advantages_BxT, returns_BxT)
+    "outcome_advantage": (score_B, kl_BxT, mask_BxT, *, group_size, kl_coef, eps) -> advantages_BxT
+                 critic-free estimators (`critic_free.py`: grpo, dr_grpo, rloo, reinforce_pp, ...)
     "kl":        (logp, ref_logp) -> per-token KL estimate (same shape)
     "loss_agg":  (loss_BxT, mask_BxT, *, num_tokens=None, num_seqs=None) -> scalar
 
-The built-in entries are registered by the modules that define them (`advantages.py`, `kl.py`,
-`aggregation.py`) when `jaxrlhf.objectives` is imported. The PPO options name them
+The built-in entries are registered by the modules that define them (`advantages.py`,
+`critic_free.py`, `kl.py`, `aggregation.py`) when `jaxrlhf.objectives` is imported. The PPO options name them
 (`ppo.advantage_estimator`, `ppo.kl_estimator`, `ppo.loss_agg`; checked against `names(kind)`).
 Example:
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-KINDS = ("advantage", "kl", "loss_agg")
+KINDS = ("advantage", "outcome_advantage", "kl", "loss_agg")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 

@@ -1,5 +1,7 @@
 """Stage `pipeline`: SFT -> RM -> PPO in DIR/sft, DIR/rm, DIR/ppo, each starting from the
-previous stage's export; with `pipeline.iterations = n > 1`, iterated RLHF:
+previous stage's export (without `pipeline.rm`: SFT -> RL, the RL stage in
+DIR/<pipeline.rl_dir> scored by Python reward functions); with `pipeline.iterations = n > 1`,
+iterated RLHF:
 
   round 1:  DIR/sft -> DIR/rm -> DIR/ppo
   round r:  sample K responses per prompt from the current policy (DIR/ppo[_r-1]),
@@ -99,20 +101,27 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int):
 def run(config, workdir: str):
     log = print if jax.process_index() == 0 else (lambda *a: None)
     summaries = {}
-    sft_dir, rm_dir, ppo_dir = (os.path.join(workdir, n) for n in ("sft", "rm", "ppo"))
+    rl_name = config.pipeline.get("rl_dir", "ppo")
+    sft_dir, rm_dir, ppo_dir = (os.path.join(workdir, n) for n in ("sft", "rm", rl_name))
+    with_rm = "rm" in config.pipeline
+    if not with_rm and int(config.pipeline.iterations) > 1:
+        raise ValueError("pipeline.iterations > 1 (iterated RLHF) needs a reward-model stage "
+                         "(pipeline.rm)")
 
     c = _stage_config(config, "sft")
     summaries["sft"] = _run_stage(sft, c, sft_dir, log)
 
-    c = _stage_config(config, "rm")
-    if not c.init_from:
-        c.init_from = sft_dir
-    summaries["rm"] = _run_stage(reward, c, rm_dir, log)
+    if with_rm:
+        c = _stage_config(config, "rm")
+        if not c.init_from:
+            c.init_from = sft_dir
+        summaries["rm"] = _run_stage(reward, c, rm_dir, log)
 
     c = _stage_config(config, "ppo")
     c.ppo.actor_init = c.ppo.actor_init or sft_dir
-    c.ppo.reward_init = c.ppo.reward_init or rm_dir
-    summaries["ppo"] = _run_stage(ppo, c, ppo_dir, log)
+    if with_rm:
+        c.ppo.reward_init = c.ppo.reward_init or rm_dir
+    summaries[rl_name] = _run_stage(ppo, c, ppo_dir, log)
 
     policy_dir, cur_rm = ppo_dir, rm_dir
     for r in range(2, int(config.pipeline.iterations) + 1):

@@ -1,6 +1,13 @@
-"""PPO-ptx with four models: actor (trained, from SFT), reference (frozen SFT),
-reward model (frozen), critic (trained, from the reward model; or a value head on the actor's
-trunk with `ppo.critic="shared"`).
+"""On-policy RL from an SFT policy: PPO-ptx with four models -- actor (trained, from SFT),
+reference (frozen SFT), reward model (frozen), critic (trained, from the reward model; or a
+value head on the actor's trunk with `ppo.critic="shared"`) -- and the critic-free family
+(GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++: `ppo.advantage_estimator`, no critic), which
+differs from PPO only in how advantages are estimated and the loss is aggregated.
+
+Rewards: a reward model (`ppo.reward_init` / `reward_ensemble`), Python functions of the
+decoded texts (`ppo.reward_fns`, `jaxrlhf.rewards`), or both (weighted sum). With
+`ppo.samples_per_prompt = K`, each prompt is sampled K times (rows prompt-major, one shared
+prefill per prompt), as the group estimators need.
 
 One iteration:
   prompts (left-padded) -> `generate` (actor) -> one jitted scoring pass: π_old and π_ref
@@ -40,9 +47,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrlhf import objectives as obj
+from jaxrlhf import rewards as rw
 from jaxrlhf import rollout as ro
 from jaxrlhf import sharding as shd
 from jaxrlhf.data import JointIterator, build_dataset, load_tokenizer
+from jaxrlhf.data.batching import prompt_text
 from jaxrlhf.metrics import plot_curves, read_metrics, write_summary
 from jaxrlhf.options import PPOOptions, parse
 from jaxrlhf.trainers import common
@@ -50,32 +59,52 @@ from jaxrlhf.trainers.ppo_steps import (eval_scores, fused_first_update, make_ex
                                        update_step)
 
 # Metrics printed on the console (all of them go to metrics.jsonl / TensorBoard).
-ECHO_KEYS = ("rm_score", "gold_reward", "kl", "kl_coef", "entropy", "response_length",
-             "eos_rate", "clipfrac", "approx_kl", "value_loss", "explained_variance", "ptx_loss")
+ECHO_KEYS = ("rm_score", "reward", "gold_reward", "kl", "kl_coef", "entropy",
+             "response_length", "eos_rate", "clipfrac", "approx_kl", "value_loss",
+             "explained_variance", "kl_loss", "ptx_loss", "uniform_groups",
+             "reward_fn_failures")
 
 
 # ------------------------------------------------------------------------------------------
 # Host-side parts: texts, gold reward, held-out evaluation.
 
 class _Texts:
-    """Prompt texts and decoded responses of rollouts; the gold reward on the built-in task."""
+    """Prompt texts, decoded responses and metadata of rollouts; the gold reward on the
+    built-in sorting task; the Python reward functions."""
 
     def __init__(self, config, pc: PPOOptions, prompt_ds, tokenizer):
         self.task = None
-        if config.data.path == "synthetic" and pc.gold_reward:
+        if (config.data.path == "synthetic" and pc.gold_reward
+                and config.data.synthetic.get("task", "sort") == "sort"):
             from jaxrlhf.data import SyntheticTask
             self.task = SyntheticTask.from_config(config.data.synthetic)
         self.ds, self.tok = prompt_ds, tokenizer
+        self.raw_chat = config.data.get("chat_template", "auto") == "raw"
+        self.fns = (rw.RewardFunctions.from_spec(pc.reward_fns, pc.reward_fn_errors,
+                                                 pc.reward_fn_penalty)
+                    if pc.reward_fns else None)
 
     def __call__(self, index, response_tokens, response_mask, ds=None):
         """Prompt texts (rows `index` of `ds`, default the training prompts) and responses."""
         ds = ds or self.ds
-        prompts = [ds.examples[int(i)]["prompt"] for i in index]
+        prompts = [prompt_text(ds.examples[int(i)], self.tok, raw=self.raw_chat)
+                   for i in index]
         return prompts, ro.decode_responses(self.tok, response_tokens, response_mask)
 
     def gold(self, prompts, responses, finished) -> np.ndarray:
         return np.asarray(self.task.gold_reward_batch(prompts, responses,
                                                       [bool(f) for f in finished]))
+
+    def function_scores(self, index, rollout, ds=None):
+        """(scores float32 [rows], info) of the reward functions on a rollout whose row r
+        answers prompt index[r]."""
+        ds = ds or self.ds
+        resp, rmask, fin = (shd.host_array(rollout[k]) for k in ("response_tokens",
+                                                                  "response_mask", "finished"))
+        prompts, texts = self(index, resp, rmask, ds)
+        meta = [dict(ds.examples[int(i)].get("meta") or {}, finished=bool(f),
+                     length=int(m.sum())) for i, f, m in zip(index, fin, rmask)]
+        return self.fns(prompts, texts, meta)
 
 
 class _PolicyEval:
@@ -95,6 +124,7 @@ class _PolicyEval:
         self.pc, self.tok, self.mesh, self.texts = pc, tokenizer, mesh, texts
         self.scores = jax.jit(functools.partial(eval_scores, graphdefs=graphdefs, opts=opts))
         self.actor_gd, self.sampling = graphdefs["actor"], opts["sampling"]
+        self.score_name = opts["score_name"]
 
     @property
     def active(self) -> bool:
@@ -115,13 +145,21 @@ class _PolicyEval:
             g = common.to_global(b, self.mesh)
             r = ro.sample((self.actor_gd, actor_params), g["prompt_tokens"], g["prompt_mask"],
                           jax.random.fold_in(jax.random.PRNGKey(1234), i), self.sampling,
-                          eos_id=self.tok.stop_ids, pad_id=self.tok.pad_id, mesh=self.mesh)
+                          eos_id=self.tok.stop_ids, pad_id=self.tok.pad_id, mesh=self.mesh,
+                          greedy=bool(self.pc.eval_greedy))
+            keep = shd.host_array(jnp.asarray(keep)) if jax.process_count() > 1 else keep
+            vals = {}
+            host = np.zeros(r["finished"].shape, np.float32)
+            if self.texts.fns is not None:
+                host, info = self.texts.function_scores(index, r, ds=self.ds)
+                for k, v in info.pop("per_row").items():
+                    vals[k] = v
+            r = dict(r, host_score=host_scores(host, self.mesh))
             score, kl = (shd.host_array(x) for x in self.scores(actor_params, frozen, r))
             resp, rmask, fin = (shd.host_array(r[k]) for k in ("response_tokens",
                                                               "response_mask", "finished"))
-            keep = shd.host_array(jnp.asarray(keep)) if jax.process_count() > 1 else keep
-            vals = {"rm_score": score, "kl": kl, "response_length": rmask.sum(-1),
-                    "eos_rate": fin.astype(np.float32)}
+            vals.update({self.score_name: score, "kl": kl, "response_length": rmask.sum(-1),
+                         "eos_rate": fin.astype(np.float32)})
             if self.texts.task is not None:
                 vals["gold_reward"] = self.texts.gold(*self.texts(index, resp, rmask,
                                                                   ds=self.ds), fin)
@@ -129,6 +167,14 @@ class _PolicyEval:
                 tot[k] = tot.get(k, 0.0) + float(np.asarray(v, np.float64)[keep].sum())
             n += int(keep.sum())
         return {k: v / max(n, 1) for k, v in tot.items()} | {"prompts": float(n)}
+
+
+def host_scores(scores, mesh):
+    """A host array of scores for every rollout row -> a global array sharded like the rows
+    (every process holds all rows' scores)."""
+    arr = np.asarray(scores, np.float32)
+    return jax.make_array_from_callback(arr.shape, shd.batch_sharding(mesh),
+                                        lambda idx: arr[idx])
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,19 +190,29 @@ def _optimizer(config, pc: PPOOptions, total_updates: int, params):
     tc = dataclasses.replace(common.train_options(config), warmup_steps=pc.warmup_iterations,
                              steps=total_updates)
     opt_a, sched = common.make_optimizer(tc, lr=float(pc.actor_lr), steps=total_updates)
-    opt_c, _ = common.make_optimizer(tc, lr=float(pc.critic_lr), steps=total_updates)
+    transforms = {"actor": opt_a}
+    if "critic" in params:
+        transforms["critic"], _ = common.make_optimizer(tc, lr=float(pc.critic_lr),
+                                                        steps=total_updates)
     labels = {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
-    return optax.multi_transform({"actor": opt_a, "critic": opt_c}, labels), sched
+    return optax.multi_transform(transforms, labels), sched
 
 
 def _opts(config, pc: PPOOptions) -> Dict[str, Any]:
     """What the jitted PPO functions read (static): the loss options and the sampling
     distribution; the reward source is added by `build`."""
-    keys = ("critic", "temperature", "kl_estimator", "gamma", "lam", "clip_eps", "dual_clip",
-            "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef", "loss_agg",
-            "whiten_advantages", "reward_clip", "reward_norm", "missing_eos_penalty")
+    keys = ("temperature", "kl_estimator", "gamma", "lam", "clip_eps", "clip_eps_high",
+            "dual_clip", "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef", "loss_agg",
+            "whiten_advantages", "reward_clip", "reward_norm", "missing_eos_penalty",
+            "kl_loss_coef", "kl_loss_estimator", "samples_per_prompt", "advantage_eps",
+            "filter_uniform_groups", "overlong_buffer", "overlong_penalty")
     opts = {k: getattr(pc, k) for k in keys}
-    opts["advantages"] = obj.registry.get("advantage", pc.advantage_estimator)
+    opts["critic"] = pc.critic_kind
+    opts["advantages"] = obj.registry.get(
+        "outcome_advantage" if pc.critic_free else "advantage", pc.advantage_estimator)
+    opts["reward_model_coef"] = float(pc.reward_model_coef) if pc.reward_fns else 1.0
+    # The mean raw score's metric name: the reward model's, or the total with reward functions.
+    opts["score_name"] = "reward" if pc.reward_fns else "rm_score"
     opts["on_nonfinite"] = common.train_options(config).on_nonfinite
     opts["sampling"] = ro.Sampling(max_new_tokens=int(pc.max_new_tokens),
                                    temperature=float(pc.temperature), top_k=int(pc.top_k),
@@ -182,31 +238,42 @@ def build(config, stage_dir: str) -> common.Stage:
     opts = _opts(config, pc)
     mesh = common.mesh_from_config(config)
     ensemble = bool(pc.reward_ensemble)
-    if not pc.actor_init or not (pc.reward_init or ensemble):
-        raise ValueError("PPO needs ppo.actor_init (an SFT stage dir or HF dir) and "
-                         "ppo.reward_init (a reward-model stage dir or HF dir).")
+    has_rm = bool(pc.reward_init or ensemble)
+    if not pc.actor_init or not (has_rm or pc.reward_fns):
+        raise ValueError("ppo.actor_init (an SFT stage dir or HF dir) and a reward are needed: "
+                         "ppo.reward_init (a reward-model stage dir or HF dir), "
+                         "ppo.reward_ensemble, or ppo.reward_fns (Python reward functions).")
+    critic = pc.critic_kind
     actor_dir = common.resolve_init_dir(pc.actor_init)
+    reward_dir = ""
     if ensemble:  # member 0 stands in for reward_init (critic, checks)
         from jaxrlhf.models.reward import load_ensemble, member_dirs
         reward_dir = common.resolve_init_dir(pc.reward_init or member_dirs(pc.reward_ensemble)[0])
-    else:
+    elif has_rm:
         reward_dir = common.resolve_init_dir(pc.reward_init)
-    critic_dir = common.resolve_init_dir(pc.critic_init or reward_dir)
+    critic_dir = ""
+    if critic == "separate":
+        if not (pc.critic_init or reward_dir):
+            raise ValueError("ppo.critic_init is needed for critic='separate' without a reward "
+                             "model (or use critic='shared', or a critic-free "
+                             "advantage_estimator)")
+        critic_dir = common.resolve_init_dir(pc.critic_init or reward_dir)
     tok_spec = common.tokenizer_spec(config, actor_dir)
     tokenizer = load_tokenizer(tok_spec)
 
     ref_dir = common.resolve_init_dir(pc.ref_init or pc.actor_init)
     ref_gd, ref_params, actor_model = _load_frozen(ref_dir, "lm", mesh, config.model)
+    rm_params, opts["reward"] = None, None
     if ensemble:  # stacked members [M, ...]: score = mean − uncertainty_coef · std
         rm_gd, rm_params, rm_model = load_ensemble(pc.reward_ensemble, mesh)
         opts["reward"] = ro.ModelReward(rm_gd, ensemble_coef=float(pc.uncertainty_coef))
-    else:
+    elif has_rm:
         rm_gd, rm_params, rm_model = _load_frozen(reward_dir, "score", mesh, config.model)
         opts["reward"] = ro.ModelReward(rm_gd)
-    common.check_tokenizer(tokenizer, actor_model.cfg,
-                           {"actor_init": actor_dir, "reward_init": reward_dir,
-                            "critic_init": critic_dir, "ref_init": ref_dir})
-    if rm_model.cfg.vocab_size != actor_model.cfg.vocab_size:
+    dirs = {"actor_init": actor_dir, "reward_init": reward_dir, "critic_init": critic_dir,
+            "ref_init": ref_dir}
+    common.check_tokenizer(tokenizer, actor_model.cfg, {k: v for k, v in dirs.items() if v})
+    if has_rm and rm_model.cfg.vocab_size != actor_model.cfg.vocab_size:
         raise ValueError(f"Actor vocab {actor_model.cfg.vocab_size} != reward model vocab "
                          f"{rm_model.cfg.vocab_size}: they must share one tokenizer.")
 
@@ -219,20 +286,23 @@ def build(config, stage_dir: str) -> common.Stage:
     graphdefs = {"actor": ref_gd, "ref": ref_gd}
     params_sh = {"actor": common.param_shardings(actor_model, mesh)}
     rep = NamedSharding(mesh, P())
-    if pc.critic == "shared":
+    params = {"actor": actor_params}
+    if critic == "shared":
         d = actor_model.cfg.d_model
         critic_params = {"w": jax.device_put(jnp.zeros((d,), jnp.float32), rep),
                          "b": jax.device_put(jnp.zeros((), jnp.float32), rep)}
         params_sh["critic"] = {"w": rep, "b": rep}
-    else:
+    elif critic == "separate":
         cgd, critic_params, critic_model = _load_frozen(critic_dir, "score", mesh, config.model)
         critic_params = jax.tree.map(jnp.copy, critic_params)
         graphdefs["critic"] = cgd
         params_sh["critic"] = common.param_shardings(critic_model, mesh)
-    params = {"actor": actor_params, "critic": critic_params}
+    if critic != "none":
+        params["critic"] = critic_params
     frozen = {"ref": ref_params, "reward": rm_params}
 
-    n_mb = pc.rollout_batch // pc.minibatch_size
+    rows = pc.rows   # rollout rows per iteration: prompts x samples_per_prompt
+    n_mb = rows // pc.minibatch_size
     n_updates = int(pc.ppo_epochs) * n_mb
     optimizer, schedule = _optimizer(config, pc, int(pc.iterations) * n_updates, params)
     state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
@@ -277,6 +347,11 @@ def build(config, stage_dir: str) -> common.Stage:
             in_shardings=(state_sh, None, None, None),
             out_shardings=(state_sh, None, None, None), donate_argnums=(0,))
     clock = {"start": time.time(), "generation": 0.0}
+    k_samples = int(pc.samples_per_prompt)
+    score_name = opts["score_name"]
+    fn_keys = [f"reward/{name.rpartition(':')[2]}" for name, _, _ in
+               (rw.parse_reward_fns(pc.reward_fns, load=False) if pc.reward_fns else [])]
+    errors_path = os.path.join(stage_dir, "reward_fn_errors.jsonl")
 
     def iteration(state, batch):
         it = int(jax.device_get(state["step"]))
@@ -284,14 +359,28 @@ def build(config, stage_dir: str) -> common.Stage:
         index = batch.pop("index")
         ptx = {k[4:]: batch.pop(k) for k in list(batch) if k.startswith("ptx_")}
         g = common.to_global(batch, mesh)
+        # The data row of every rollout row (all processes' prompts, K rows each).
+        row_index = np.repeat(shd.host_array(common.to_global({"i": index}, mesh)["i"]),
+                              k_samples)
         tg = time.time()
         # (graphdef, params) rather than a merged module: generate would split it again.
         rollout = ro.sample((graphdefs["actor"], state["params"]["actor"]),
                             g["prompt_tokens"], g["prompt_mask"], jax.random.fold_in(it_rng, 0),
                             opts["sampling"], eos_id=tokenizer.stop_ids,
-                            pad_id=tokenizer.pad_id, mesh=mesh)
+                            pad_id=tokenizer.pad_id, k=k_samples, mesh=mesh)
         jax.block_until_ready(rollout["tokens"])
         clock["generation"] += time.time() - tg
+        fn_info = {}
+        host = np.zeros((rows,), np.float32)
+        if texts.fns is not None:
+            host, fn_info = texts.function_scores(row_index, rollout)
+            fn_info.pop("per_row")
+            records = fn_info.pop("failure_records")
+            if records and pi == 0:
+                with open(errors_path, "a") as f:
+                    for rec in records:
+                        f.write(json.dumps(dict(rec, iteration=it + 1)) + "\n")
+        rollout = dict(rollout, host_score=host_scores(host, mesh))
         ptx_mbs = _split_rows({f"ptx_{k}": v for k, v in common.to_global(ptx, mesh).items()}
                               if ptx else None, n_updates)
         updates = []
@@ -303,20 +392,21 @@ def build(config, stage_dir: str) -> common.Stage:
             state = dict(state, reward_stats=stats)
         for epoch in range(len(updates), int(pc.ppo_epochs)):  # fused: epoch 0 is done
             perm = np.asarray(jax.random.permutation(jax.random.fold_in(it_rng, 1 + epoch),
-                                                     int(pc.rollout_batch)))
+                                                     rows))
             for j in range(n_mb):
                 idx = perm[j * pc.minibatch_size:(j + 1) * pc.minibatch_size]
                 mb = {key: v[idx] for key, v in exp.items()}
                 mb.update(ptx_mbs[len(updates)] or {})
                 state, um = update_fn(state, mb)
                 updates.append(um)
-        new_kl = kl_update(state["kl_ctl"], m_exp["kl"], jnp.float32(pc.rollout_batch))
+        new_kl = kl_update(state["kl_ctl"], m_exp["kl"], jnp.float32(rows))
         state = dict(state, step=state["step"] + 1, kl_ctl=new_kl)
         share = clock["generation"] / max(time.time() - clock["start"], 1e-9)
-        return state, {"experience": m_exp, "updates": updates, "index": index,
+        return state, {"experience": m_exp, "updates": updates, "index": row_index,
                        "rollout": {k: rollout[k] for k in ("response_tokens", "response_mask",
                                                            "finished")},
-                       "generation_time_share": share}
+                       "reward_fns": fn_info, "generation_time_share": share,
+                       "elapsed_s": time.time() - clock["start"]}
 
     samples_path = os.path.join(stage_dir, "samples.jsonl")
 
@@ -334,7 +424,9 @@ def build(config, stage_dir: str) -> common.Stage:
         if texts.task is not None:
             m["gold_reward"] = float(np.mean(texts.gold(*texts(out["index"], resp, rmask),
                                                         fin)))
+        m.update(out["reward_fns"])
         m["generation_time_share"] = out["generation_time_share"]
+        m["elapsed_s"] = out["elapsed_s"]   # wall time of this process in the stage
         if pi == 0 and pc.sample_every and step_no % pc.sample_every == 0:
             prompts_txt, resp_txt = texts(out["index"][:4], resp[:4], rmask[:4])
             with open(samples_path, "a") as f:
@@ -356,12 +448,14 @@ def build(config, stage_dir: str) -> common.Stage:
                    **{f"final_{k}": v for k, v in result.last_metrics.items()},
                    **{f"eval_initial_{k}": v for k, v in result.start_eval_metrics.items()},
                    **{f"eval_final_{k}": v for k, v in result.eval_metrics.items()},
-                   **{f"first_{k}": first.get(k) for k in ("rm_score", "gold_reward", "kl")
+                   **{f"first_{k}": first.get(k) for k in (score_name, "gold_reward", "kl")
                       if k in first}}
         if pi == 0:
             write_summary(stage_dir, summary)
-            plot_curves(stage_dir, [["rm_score"], ["gold_reward"], ["kl"], ["entropy"]],
-                        filename="curves.png", title="PPO")
+            plot_curves(stage_dir, [[score_name], ["gold_reward"] + fn_keys, ["kl"],
+                                    ["entropy", "response_length"]],
+                        filename="curves.png",
+                        title=pc.advantage_estimator.upper() if pc.critic_free else "PPO")
         return summary, actor
 
     evaluate = ((lambda s: policy_eval(s["params"]["actor"], frozen))
@@ -369,7 +463,8 @@ def build(config, stage_dir: str) -> common.Stage:
     return common.Stage(name="ppo", state=state, state_sh=state_sh, step=iteration,
                         batches=batches, total_steps=int(pc.iterations), mesh=mesh,
                         evaluate=evaluate, finish=finish, put=lambda b: b,
-                        read_metrics=read_iteration_metrics, echo_keys=ECHO_KEYS,
+                        read_metrics=read_iteration_metrics,
+                        echo_keys=ECHO_KEYS[:2] + tuple(fn_keys) + ECHO_KEYS[2:],
                         start_eval_file="eval_initial_policy.json")
 
 

@@ -4,9 +4,14 @@ reward shaping + KL penalty + advantages, the PPO(-ptx) update, the fused scorin
 update, and the held-out scores.
 
 Static options (`opts`, bound with functools.partial): the loss options of `ppo.*`,
-"sampling" (`jaxrlhf.rollout.Sampling`), "reward" (a reward source, e.g.
-`jaxrlhf.rollout.ModelReward`), "advantages" (a registry "advantage" function) and
-"on_nonfinite". `graphdefs`: {"actor", "ref"} and, for a separate critic, "critic".
+"sampling" (`jaxrlhf.rollout.Sampling`), "reward" (a reward model source, e.g.
+`jaxrlhf.rollout.ModelReward`, or None), "advantages" (a registry "advantage" function for a
+critic, or an "outcome_advantage" one for the critic-free estimators, with "critic": "none")
+and "on_nonfinite". `graphdefs`: {"actor", "ref"} and, for a separate critic, "critic".
+
+The score of a response is reward_model_coef × the reward model's score + the rollout's
+"host_score" (the Python reward functions' weighted sum, computed on the host before the
+scoring pass; zeros without reward functions).
 
 Token layout of a rollout: tokens [B, L = P + N] = left-padded prompt + response; the hidden
 state at position P - 1 + t predicts response token t, so response log-probs and values are
@@ -30,7 +35,9 @@ def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str)
     resp_rows = ro.response_rows(tokens, n_resp)
     h_resp = actor.hidden(tokens, mask, select=resp_rows)
     logits = actor.apply_head(h_resp)
-    if critic == "shared":
+    if critic == "none":
+        values = jnp.zeros(h_resp.shape[:2], jnp.float32)
+    elif critic == "shared":
         w, b = params["critic"]["w"], params["critic"]["b"]
         values = (h_resp @ w.astype(h_resp.dtype)).astype(jnp.float32) + b
     else:
@@ -52,11 +59,30 @@ def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
     return logp, obj.entropy(logits, opts["temperature"]), values
 
 
+def total_score(frozen, rollout, opts):
+    """reward_model_coef × the reward model's score (if any) + the host-side score [B]."""
+    score = rollout["host_score"].astype(jnp.float32)
+    if opts["reward"] is not None:
+        model = opts["reward"](frozen["reward"], rollout["tokens"], rollout["mask"])
+        score = opts["reward_model_coef"] * model + score
+    return score
+
+
 def frozen_scores(frozen, rollout, *, graphdefs, opts):
-    """Reference log-probs of the response [B, N] and the reward score [B] (the reward
-    model's)."""
+    """Reference log-probs of the response [B, N] and the score [B] (`total_score`)."""
     ref_logp = ro.response_logprobs(graphdefs["ref"], frozen["ref"], rollout, opts["sampling"])
-    return ref_logp, opts["reward"](frozen["reward"], rollout["tokens"], rollout["mask"])
+    return ref_logp, total_score(frozen, rollout, opts)
+
+
+def shaped_score(raw_score, rollout, opts):
+    """The score after the missing-EOS penalty and the overlong penalty (DAPO)."""
+    finished = rollout["finished"]
+    score = raw_score - opts["missing_eos_penalty"] * (1.0 - finished.astype(jnp.float32))
+    if opts["overlong_buffer"] > 0:
+        lengths = jnp.sum(rollout["response_mask"], axis=-1)
+        score = score + obj.overlong_penalty(lengths, opts["sampling"].max_new_tokens,
+                                             opts["overlong_buffer"], opts["overlong_penalty"])
+    return score
 
 
 def shape_experience(state, rollout, outputs, ref_logp, raw_score, *, opts):
@@ -66,23 +92,43 @@ def shape_experience(state, rollout, outputs, ref_logp, raw_score, *, opts):
     resp, resp_mask = rollout["response_tokens"], rollout["response_mask"]
     valid = resp_mask > 0
     finished = rollout["finished"]
-    score = raw_score - opts["missing_eos_penalty"] * (1.0 - finished.astype(jnp.float32))
+    score = shaped_score(raw_score, rollout, opts)
     stats = obj.running_moments_update(state["reward_stats"], score)
     if opts["reward_norm"] == "running":
         score = obj.normalize_with_moments(score, stats)
+    kl_coef = state["kl_ctl"].kl_coef
     rewards, km = obj.kl_penalized_rewards(
-        score, old_logp, ref_logp, valid, kl_coef=state["kl_ctl"].kl_coef,
+        score, old_logp, ref_logp, valid, kl_coef=kl_coef,
         kind=opts["kl_estimator"], score_clip=opts["reward_clip"] or None)
-    adv, returns = opts["advantages"](rewards, values, valid, gamma=opts["gamma"],
-                                      lam=opts["lam"])
-    if opts["whiten_advantages"]:
-        adv = obj.masked_whiten(adv, valid)
+    extra = {}
+    if opts["critic"] == "none":   # critic-free: advantages from the sequence scores
+        if opts["reward_clip"]:
+            score = jnp.clip(score, -opts["reward_clip"], opts["reward_clip"])
+        kl_tok = jnp.where(valid, obj.kl_estimate(jnp.where(valid, old_logp, 0.0),
+                                                  jnp.where(valid, ref_logp, 0.0),
+                                                  opts["kl_estimator"]), 0.0)
+        k = opts["samples_per_prompt"]
+        adv = opts["advantages"](score, kl_tok, valid, group_size=k, kl_coef=kl_coef,
+                                 eps=opts["advantage_eps"])
+        returns = jnp.zeros_like(adv)
+        if k > 1:
+            uniform = obj.uniform_groups(score, k)
+            extra["uniform_groups"] = jnp.mean(uniform.astype(jnp.float32))
+            if opts["filter_uniform_groups"]:   # DAPO dynamic sampling, as a loss mask
+                resp_mask = jnp.where(uniform[:, None], 0, resp_mask)
+    else:
+        adv, returns = opts["advantages"](rewards, values, valid, gamma=opts["gamma"],
+                                          lam=opts["lam"])
+        if opts["whiten_advantages"]:
+            adv = obj.masked_whiten(adv, valid)
     exp = {"tokens": rollout["tokens"], "mask": rollout["mask"], "response_tokens": resp,
            "response_mask": resp_mask, "old_logp": jnp.where(valid, old_logp, 0.0),
            "old_values": jnp.where(valid, values, 0.0), "advantages": adv, "returns": returns}
-    lengths = jnp.sum(resp_mask, axis=-1).astype(jnp.float32)
+    if opts["kl_loss_coef"] > 0:
+        exp["ref_logp"] = jnp.where(valid, ref_logp, 0.0)
+    lengths = jnp.sum(rollout["response_mask"], axis=-1).astype(jnp.float32)
     metrics = {
-        "rm_score": jnp.mean(raw_score),
+        opts.get("score_name", "rm_score"): jnp.mean(raw_score),
         "score": km["score"],
         "kl": km["kl"],
         "kl_per_token": km["kl_per_token"],
@@ -91,10 +137,13 @@ def shape_experience(state, rollout, outputs, ref_logp, raw_score, *, opts):
         "entropy": obj.masked_mean(ent, valid),
         "response_length": jnp.mean(lengths),
         "eos_rate": jnp.mean(finished.astype(jnp.float32)),
-        "kl_coef": state["kl_ctl"].kl_coef,
-        "value_mean": obj.masked_mean(values, valid),
-        "return_mean": obj.masked_mean(returns, valid),
+        "kl_coef": kl_coef,
+        "advantage_mean": obj.masked_mean(adv, valid),
+        **extra,
     }
+    if opts["critic"] != "none":
+        metrics.update(value_mean=obj.masked_mean(values, valid),
+                       return_mean=obj.masked_mean(returns, valid))
     return exp, metrics, stats
 
 
@@ -114,16 +163,24 @@ def ppo_losses(outputs, mb, denoms, opts):
     valid = mb["response_mask"] > 0
     pg, pm = obj.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], valid,
                                  clip_eps=opts["clip_eps"],
+                                 clip_eps_high=opts["clip_eps_high"] or None,
                                  dual_clip=opts["dual_clip"] or None, agg=agg, **denoms)
-    vl, vm = obj.value_loss(values, mb["old_values"], mb["returns"], valid,
-                            clip_eps=opts["vf_clip_eps"], agg=agg, **denoms)
     ent_term = obj.aggregate(ent, valid, agg, **denoms)
-    total = pg + opts["vf_coef"] * vl - opts["entropy_coef"] * ent_term
-    aux = {"policy_loss": pg, "value_loss": vl, "entropy_bonus_term": ent_term,
+    total = pg - opts["entropy_coef"] * ent_term
+    aux = {"policy_loss": pg, "entropy_bonus_term": ent_term,
            "approx_kl": pm["approx_kl"], "clipfrac": pm["clipfrac"],
-           "ratio_mean": pm["ratio_mean"], "ratio_max": pm["ratio_max"],
-           "vf_clipfrac": vm.get("clipfrac", vm.get("vf_clipfrac", 0.0)),
-           "explained_variance": vm.get("explained_variance", 0.0)}
+           "ratio_mean": pm["ratio_mean"], "ratio_max": pm["ratio_max"]}
+    if opts["critic"] != "none":
+        vl, vm = obj.value_loss(values, mb["old_values"], mb["returns"], valid,
+                                clip_eps=opts["vf_clip_eps"], agg=agg, **denoms)
+        total = total + opts["vf_coef"] * vl
+        aux.update(value_loss=vl, vf_clipfrac=vm.get("clipfrac", vm.get("vf_clipfrac", 0.0)),
+                   explained_variance=vm.get("explained_variance", 0.0))
+    if opts["kl_loss_coef"] > 0:   # KL(π_θ ‖ π_ref) in the loss (GRPO), with its gradient
+        kl_tok = obj.kl_estimate(logp, mb["ref_logp"], opts["kl_loss_estimator"])
+        kl_term = obj.aggregate(kl_tok, valid, agg, **denoms)
+        total = total + opts["kl_loss_coef"] * kl_term
+        aux["kl_loss"] = kl_term
     return total, aux
 
 
@@ -162,7 +219,8 @@ def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accu
                                          counter="updates")  # "step" counts iterations
     if grad_accum > 1:  # per-micro-batch means of the diagnostics -> their average
         for k in ("approx_kl", "clipfrac", "ratio_mean", "vf_clipfrac", "explained_variance"):
-            aux[k] = aux[k] / grad_accum
+            if k in aux:
+                aux[k] = aux[k] / grad_accum
         aux["ratio_max"] = aux["ratio_max"] / grad_accum
     metrics.update(loss=loss, **aux)
     return state, metrics
@@ -209,10 +267,11 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
 
 
 def eval_scores(actor_params, frozen, rollout, *, graphdefs, opts):
-    """Reward score and KL(actor || reference) (k1 summed over the response) of rollouts."""
+    """Score (`total_score`) and KL(actor || reference) (k1 summed over the response) of
+    rollouts."""
     valid = rollout["response_mask"] > 0
     logp = lambda name, params: ro.response_logprobs(graphdefs[name], params, rollout,
                                                      opts["sampling"])
     kl = jnp.sum(jnp.where(valid, logp("actor", actor_params) - logp("ref", frozen["ref"]),
                            0.0), axis=-1)
-    return opts["reward"](frozen["reward"], rollout["tokens"], rollout["mask"]), kl
+    return total_score(frozen, rollout, opts), kl
