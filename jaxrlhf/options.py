@@ -281,11 +281,14 @@ class PPOOptions:
     warmup_iterations: int = 0
     sample_every: int = 10        # print / write sample generations every n iterations
     gold_reward: bool = True      # built-in task: log the gold reward of every rollout
+    eval_batch: int = 64          # held-out prompts per generate call (at most eval_prompts):
+                                  # fixed, so runs with different rollout batches evaluate on
+                                  # the same samples
     eval_greedy: bool = False     # held-out evaluation decodes greedily (accuracy) instead
                                   # of sampling from the training distribution
     eval_prompts: int = 256       # held-out prompts scored before PPO (the SFT policy), every
                                   # train.eval_every iterations, and at the end (the first
-                                  # eval_prompts of eval_data, rounded up to whole rollout batches)
+                                  # eval_prompts of eval_data, rounded up to whole eval batches)
 
     @property
     def rows(self) -> int:
@@ -345,7 +348,7 @@ class PPOOptions:
                      "eval_prompts"):
             _at_least(b, name, getattr(self, name), 0)
         for name in ("rollout_batch", "minibatch_size", "ppo_epochs", "grad_accum",
-                     "max_new_tokens", "ptx_batch_size", "samples_per_prompt"):
+                     "max_new_tokens", "ptx_batch_size", "samples_per_prompt", "eval_batch"):
             _at_least(b, name, getattr(self, name), 1)
         if self.rows % self.minibatch_size:
             _fail(b, "minibatch_size", f"({self.minibatch_size}) must divide the rollout rows "

@@ -19,9 +19,8 @@ Reward sources:
                                         ensemble_coef=λ, a stacked ensemble's mean − λ·std
                                         (`jaxrlhf.objectives.uncertainty_reward`). Pure: it
                                         runs inside the jitted scoring program.
-  FunctionReward(fn, tokenizer)         any Python function of the decoded texts,
-                                        fn(prompts, responses, finished) -> scores; on the
-                                        host, before the scoring program.
+Python reward functions of the decoded texts are `jaxrlhf.rewards.RewardFunctions` (host side,
+before the scoring program; `decode_responses` gives their texts).
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.generation import generate, sampling_logprobs
-from jaxrlhf.sharding import host_array
 from jaxrlhf.models.reward import member_rewards, sequence_rewards
 from jaxrlhf.objectives.uncertainty import uncertainty_reward
 
@@ -74,17 +72,14 @@ def response_rows(tokens, n_resp: int) -> slice:
     return slice(length - n_resp - 1, length - 1)
 
 
-def response_logits(model, tokens, mask, n_resp: int):
-    """LM logits [B, N, V] at the response positions."""
-    return model.apply_head(model.hidden(tokens, mask, select=response_rows(tokens, n_resp)))
-
-
 def response_logprobs(graphdef, params, rollout, sampling: Sampling):
-    """log π(response token) [B, N] under the sampling distribution."""
+    """log π(response token) [B, N] under the sampling distribution (the LM head chunked over
+    positions for large vocabularies: `Transformer.head_reduce`)."""
     model = nnx.merge(graphdef, params)
-    resp = rollout["response_tokens"]
-    logits = response_logits(model, rollout["tokens"], rollout["mask"], resp.shape[1])
-    return sampling_logprobs(logits, resp, **sampling.logprob_kw())
+    resp, tokens = rollout["response_tokens"], rollout["tokens"]
+    h = model.hidden(tokens, rollout["mask"], select=response_rows(tokens, resp.shape[1]))
+    return model.head_reduce(
+        h, lambda z, y: sampling_logprobs(z, y, **sampling.logprob_kw()), resp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,25 +103,6 @@ def decode_responses(tokenizer, response_tokens, response_mask,
     skip = set(int(i) for i in skip_ids)
     return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m and int(t) not in skip])
             for row, mrow in zip(np.asarray(response_tokens), np.asarray(response_mask))]
-
-
-@dataclasses.dataclass
-class FunctionReward:
-    """A host-side reward: fn(prompts: list[str], responses: list[str], finished: list[bool])
-    -> one score per response. `__call__` decodes a rollout and returns float32 scores [B]."""
-
-    fn: Callable
-    tokenizer: Any
-
-    def __call__(self, prompts: Sequence[str], rollout) -> np.ndarray:
-        texts = decode_responses(self.tokenizer, host_array(rollout["response_tokens"]),
-                                 host_array(rollout["response_mask"]))
-        finished = [bool(f) for f in host_array(rollout["finished"])]
-        scores = np.asarray(self.fn(list(prompts), texts, finished), np.float32)
-        if scores.shape != (len(texts),):
-            raise ValueError(f"reward function {getattr(self.fn, '__name__', self.fn)!r} "
-                             f"returned shape {scores.shape} for {len(texts)} responses")
-        return scores
 
 
 def sample_texts(policy, dataset, sampling: Sampling, *, k: int, batch_size: int,

@@ -206,3 +206,33 @@ def test_chunked_target_logprobs_equal_the_full_logits(tied):
     # Auto (None): chunks of 128 for a large vocabulary only.
     assert cfg.logits_chunk is None and cfg.logits_chunk_size() == 0
     assert cfg.replace(vocab_size=49152).logits_chunk_size() == 128
+
+
+def test_chunked_head_reduce_with_a_tuple_output():
+    """Transformer.head_reduce with several outputs (the RL stage's sampling log-probs and
+    entropy at temperature 0.7 with top-k): chunked values and gradients equal the full
+    [B, T, V] computation."""
+    from jaxrlhf.generation import sampling_logprobs
+    from jaxrlhf.objectives import entropy
+    cfg = preset("tiny", d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=48)
+    graphdef, params = nnx.split(init_model(cfg, seed=3))
+    toks = _tokens(2, 12, seed=5)[:, 1:]
+    h = jax.random.normal(jax.random.key(6), (2, 11, 32))
+    fn = lambda z, y: (sampling_logprobs(z, y, temperature=0.7, top_k=50), entropy(z, 0.7))
+
+    def loss(params, chunk):
+        model = nnx.merge(graphdef, params)
+        model.cfg = model.cfg.replace(logits_chunk=chunk)
+        lp, ent = model.head_reduce(h, fn, toks)
+        return jnp.sum(lp) + 0.3 * jnp.sum(ent), (lp, ent)
+
+    (_, full), g_full = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (_, chunked), g_chunked = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                      static_argnums=1)(params, 4)
+    want = fn(nnx.merge(graphdef, params).apply_head(h), toks)
+    for a, b, c in zip(chunked, full, want):
+        assert a.shape == (2, 11)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

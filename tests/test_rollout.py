@@ -62,19 +62,6 @@ def test_reward_sources(policy):
         np.asarray(sequence_rewards(params, graphdef, r["tokens"], r["mask"])))
 
     texts = ro.decode_responses(TOK, r["response_tokens"], r["response_mask"])
-    seen = {}
-
-    def count_a(prompts, responses, finished):
-        seen.update(prompts=prompts, responses=responses, finished=finished)
-        return [float(t.count("a")) - f for t, f in zip(responses, finished)]
-
-    scores = ro.FunctionReward(count_a, TOK)(["p0", "p1", "p2"], r)
-    assert scores.dtype == np.float32 and scores.shape == (3,)
-    assert seen["responses"] == texts and seen["prompts"] == ["p0", "p1", "p2"]
-    want = [t.count("a") - bool(f) for t, f in zip(texts, np.asarray(r["finished"]))]
-    np.testing.assert_array_equal(scores, np.asarray(want, np.float32))
-    with pytest.raises(ValueError, match="returned shape"):
-        ro.FunctionReward(lambda p, t, f: [0.0], TOK)(["p0", "p1", "p2"], r)
     stripped = ro.decode_responses(TOK, r["response_tokens"], r["response_mask"],
                                    skip_ids=(TOK.eos_id,))
     assert all(s == t.replace(TOK.decode([TOK.eos_id]), "") for s, t in zip(stripped, texts))

@@ -76,7 +76,8 @@ def plot(curves, path):
             ax.plot(x, m, label=algo)
             ax.fill_between(x, m - s, m + s, alpha=0.15)
     axes[0].set(xlabel="sampled responses", ylabel="gold reward (train rollouts)")
-    axes[1].set(xlabel="wall time in the RL stage (s)", ylabel="gold reward (train rollouts)")
+    axes[1].set(xlabel="wall time in the RL stage (s, from its start: compile and the first "
+                       "evaluation included)", ylabel="gold reward (train rollouts)")
     axes[2].set(xlabel="sampled responses", ylabel="KL(policy || SFT), nats per response")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -459,32 +459,43 @@ class Transformer(nnx.Module):
         return self.apply_head(self.hidden(tokens_BxT, mask_BxT, positions_BxT))
 
     def target_logprobs(self, h_BxTxD, targets_BxT):
-        """log softmax(apply_head(h))[target] [B, T] (float32) of an LM head.
+        """log softmax(apply_head(h))[target] [B, T] (float32) of an LM head, chunked over
+        positions as `head_reduce` says."""
+        return self.head_reduce(h_BxTxD, token_logprobs, targets_BxT)
+
+    def head_reduce(self, h_BxTxD, fn, *per_position):
+        """fn(logits [B, c, V] float32, *per_position chunks [B, c, ...]) over the positions of
+        `h`, c at a time, concatenated back to [B, T, ...] (fn returns an array or a tuple of
+        arrays, each [B, c, ...]).
 
         With `cfg.logits_chunk_size()` = c > 0 and T > c, the positions are processed c at a
         time (T padded up to a multiple of c; the padding is dropped): each chunk's [B, c, V]
-        logits are computed, reduced to the targets' log-probabilities and freed, and
-        recomputed in the backward pass (`jax.checkpoint`), so the [B, T, V] logits and their
-        softmax never exist at once. Same values as the unchunked path up to float rounding.
+        logits are computed, reduced by `fn` and freed, and recomputed in the backward pass
+        (`jax.checkpoint`), so the [B, T, V] logits and their softmax never exist at once.
+        Same values as the unchunked path up to float rounding. Otherwise one call on the
+        whole [B, T, V] logits.
         """
         c = self.cfg.logits_chunk_size()
         b, t, d = h_BxTxD.shape
         if not c or t <= c:
-            return token_logprobs(self.apply_head(h_BxTxD), targets_BxT)
+            return fn(self.apply_head(h_BxTxD).astype(jnp.float32), *per_position)
         n = -(-t // c)
         pad = n * c - t
-        h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        tg = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-        h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
-        t_NxBxC = tg.reshape(b, n, c).swapaxes(0, 1)
+
+        def chunks(x):   # [B, T, ...] -> [n, B, c, ...]
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            return x.reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)
+
         w = self.lm_head_weight()
 
         @jax.checkpoint
-        def chunk(w, h_c, t_c):
-            return token_logprobs(linear(h_c, w).astype(jnp.float32), t_c)
+        def chunk(w, h_c, *xs):
+            return fn(linear(h_c, w).astype(jnp.float32), *xs)
 
-        lp = jax.lax.map(lambda xs: chunk(w, *xs), (h_NxBxCxD, t_NxBxC))
-        return lp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+        out = jax.lax.map(lambda xs: chunk(w, *xs),
+                          (chunks(h_BxTxD), *(chunks(x) for x in per_position)))
+        unchunk = lambda y: y.swapaxes(0, 1).reshape(b, n * c, *y.shape[3:])[:, :t]
+        return jax.tree.map(unchunk, out)
 
     # ----------------------------------------------------------------------------------
     # Cached (incremental) forward, for decoding.

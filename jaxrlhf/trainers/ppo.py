@@ -110,7 +110,7 @@ class _Texts:
 class _PolicyEval:
     """Held-out evaluation of a policy: sample once per prompt (fixed rng) and report the mean
     gold reward (built-in task), RM score, KL to the reference, length and EOS rate over the
-    first ppo.eval_prompts held-out prompts (rounded up to whole rollout batches)."""
+    first ppo.eval_prompts held-out prompts (rounded up to whole batches of ppo.eval_batch)."""
 
     def __init__(self, config, pc: PPOOptions, tokenizer, graphdefs, opts, mesh, texts: _Texts):
         self.ds = None
@@ -133,10 +133,12 @@ class _PolicyEval:
     def __call__(self, actor_params, frozen) -> Dict[str, float]:
         tot: Dict[str, float] = {}
         n = 0
-        it = self.ds.iterator(int(self.pc.rollout_batch), shuffle=False, drop_remainder=False,
+        # A fixed batch (not the rollout batch): the sampler's draws depend on the batch size.
+        bs = max(1, min(int(self.pc.eval_batch), int(self.pc.eval_prompts)))
+        it = self.ds.iterator(bs, shuffle=False, drop_remainder=False,
                               num_epochs=1, process_index=jax.process_index(),
                               process_count=jax.process_count())
-        max_batches = -(-int(self.pc.eval_prompts) // int(self.pc.rollout_batch))
+        max_batches = -(-int(self.pc.eval_prompts) // bs)
         for i, b in enumerate(it):
             if i >= max_batches:
                 break
@@ -158,7 +160,10 @@ class _PolicyEval:
             score, kl = (shd.host_array(x) for x in self.scores(actor_params, frozen, r))
             resp, rmask, fin = (shd.host_array(r[k]) for k in ("response_tokens",
                                                               "response_mask", "finished"))
-            vals.update({self.score_name: score, "kl": kl, "response_length": rmask.sum(-1),
+            # Greedy responses are not samples of the policy: their summed log-ratio is not a
+            # KL estimate, so it gets its own name.
+            kl_name = "greedy_log_ratio" if self.pc.eval_greedy else "kl"
+            vals.update({self.score_name: score, kl_name: kl, "response_length": rmask.sum(-1),
                          "eos_rate": fin.astype(np.float32)})
             if self.texts.task is not None:
                 vals["gold_reward"] = self.texts.gold(*self.texts(index, resp, rmask,

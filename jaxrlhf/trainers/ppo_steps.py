@@ -29,12 +29,17 @@ from jaxrlhf.generation import sampling_logprobs
 from jaxrlhf.trainers import common
 
 
-def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str):
-    """Actor logits [B, N, V] at the response positions and values [B, N]."""
+def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
+    """(log π(response) [B, N] under the sampling distribution, entropy [B, N]) of the actor
+    at the response positions -- its LM head chunked over positions for large vocabularies
+    (`Transformer.head_reduce`) -- and values [B, N]."""
     actor = nnx.merge(graphdefs["actor"], params["actor"])
-    resp_rows = ro.response_rows(tokens, n_resp)
+    resp_rows = ro.response_rows(tokens, resp.shape[1])
     h_resp = actor.hidden(tokens, mask, select=resp_rows)
-    logits = actor.apply_head(h_resp)
+    logp, ent = actor.head_reduce(
+        h_resp, lambda z, y: (sampling_logprobs(z, y, **_sampling_kw(opts)),
+                              obj.entropy(z, opts["temperature"])), resp)
+    critic = opts["critic"]
     if critic == "none":
         values = jnp.zeros(h_resp.shape[:2], jnp.float32)
     elif critic == "shared":
@@ -43,20 +48,11 @@ def policy_forward(params, tokens, mask, n_resp: int, *, graphdefs, critic: str)
     else:
         model = nnx.merge(graphdefs["critic"], params["critic"])
         values = model.apply_head(model.hidden(tokens, mask, select=resp_rows))
-    return logits, values
+    return logp, ent, values
 
 
 def _sampling_kw(opts):
     return opts["sampling"].logprob_kw()
-
-
-def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
-    """(log π(response) [B, N], entropy [B, N], values [B, N]) at the response positions, under
-    the sampling distribution (`sampling_logprobs`)."""
-    logits, values = policy_forward(params, tokens, mask, resp.shape[1], graphdefs=graphdefs,
-                                    critic=opts["critic"])
-    logp = sampling_logprobs(logits, resp, **_sampling_kw(opts))
-    return logp, obj.entropy(logits, opts["temperature"]), values
 
 
 def total_score(frozen, rollout, opts):
