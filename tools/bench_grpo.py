@@ -26,8 +26,10 @@ ppo_steps.py; trl/trainer/grpo_trainer.py 0.29.0):
               once every row has sampled EOS;
            2. host: responses decoded, the reward function called on the 32 texts;
            3. one jitted program (`ppo_steps.fused_first_update`, one minibatch): actor
-              forward under `jax.vjp` (last layer only at the response positions; full-vocab
-              logits, log-probs and entropy) -- its log-probs ARE pi_old, no separate
+              forward under `jax.vjp` (last layer only at the response positions; LM head,
+              log-probs and entropy through `Transformer.head_reduce`, chunked over positions
+              by model.logits_chunk: auto 128 positions for vocabularies >= 32k, so one chunk
+              when --new <= 128) -- its log-probs ARE pi_old, no separate
               old-log-prob forward --, reference forward (response positions), group
               advantages, loss, backward through the same actor forward, clip, optax AdamW;
               a real model (--hf) runs `model.remat = "full"` (the forward recomputed in the
