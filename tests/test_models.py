@@ -206,6 +206,11 @@ def test_chunked_target_logprobs_equal_the_full_logits(tied):
     # Auto (None): chunks of 128 for a large vocabulary only.
     assert cfg.logits_chunk is None and cfg.logits_chunk_size() == 0
     assert cfg.replace(vocab_size=49152).logits_chunk_size() == 128
+    # ... and at most 1,024 rows x positions per chunk (at least 8 positions).
+    assert cfg.replace(vocab_size=49152).logits_chunk_size(8) == 128
+    assert cfg.replace(vocab_size=49152).logits_chunk_size(32) == 32
+    assert cfg.replace(vocab_size=49152).logits_chunk_size(1000) == 8
+    assert cfg.replace(vocab_size=49152, logits_chunk=16).logits_chunk_size(32) == 16
 
 
 def test_chunked_head_reduce_with_a_tuple_output():

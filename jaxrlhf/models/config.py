@@ -19,6 +19,8 @@ AUTO_UNROLL_MAX_LAYERS = 8
 # logits_chunk=None (auto): chunk the target log-probs of vocabularies at least this large.
 LARGE_VOCAB = 32768
 LOGITS_CHUNK = 128
+# ... with at most this many rows x positions per chunk ([LOGITS_CHUNK_ROWS, V] fp32 logits).
+LOGITS_CHUNK_ROWS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +63,11 @@ class ModelConfig:
             [B, T, V] logits at once; c > 0 computes them c positions at a time and again in
             the backward pass, so at most [B, c, V] float32 logits are alive (a large
             vocabulary: SmolLM2's 49,152 x 512 positions x 8 rows is 805 MB per copy);
-            None (the default) = auto: LOGITS_CHUNK (128) for vocabularies of at least
-            LARGE_VOCAB (32,768) tokens, else 0 (the README's real-model benchmarks measure
-            the memory it saves).
+            None (the default) = auto: for vocabularies of at least LARGE_VOCAB (32,768)
+            tokens, LOGITS_CHUNK (128) positions, fewer for batches of more than 8 rows so
+            that a chunk holds at most LOGITS_CHUNK_ROWS (1,024) rows x positions (at least
+            8 positions); else 0 (the README's real-model benchmarks measure the memory it
+            saves).
         pad_token_id / eos_token_id / bos_token_id: ids written to the HF config on export.
     """
 
@@ -127,10 +131,13 @@ class ModelConfig:
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
 
-    def logits_chunk_size(self) -> int:
-        """`logits_chunk` resolved (None = auto: LOGITS_CHUNK for a large vocabulary)."""
+    def logits_chunk_size(self, rows: int = 1) -> int:
+        """`logits_chunk` resolved for a batch of `rows` rows (None = auto: LOGITS_CHUNK
+        positions for a large vocabulary, at most LOGITS_CHUNK_ROWS rows x positions)."""
         if self.logits_chunk is None:
-            return LOGITS_CHUNK if self.vocab_size >= LARGE_VOCAB else 0
+            if self.vocab_size < LARGE_VOCAB:
+                return 0
+            return max(8, min(LOGITS_CHUNK, LOGITS_CHUNK_ROWS // max(int(rows), 1)))
         return max(int(self.logits_chunk), 0)
 
     def layer_scan_unroll(self) -> int:

@@ -468,15 +468,15 @@ class Transformer(nnx.Module):
         `h`, c at a time, concatenated back to [B, T, ...] (fn returns an array or a tuple of
         arrays, each [B, c, ...]).
 
-        With `cfg.logits_chunk_size()` = c > 0 and T > c, the positions are processed c at a
+        With `cfg.logits_chunk_size(B)` = c > 0 and T > c, the positions are processed c at a
         time (T padded up to a multiple of c; the padding is dropped): each chunk's [B, c, V]
         logits are computed, reduced by `fn` and freed, and recomputed in the backward pass
         (`jax.checkpoint`), so the [B, T, V] logits and their softmax never exist at once.
         Same values as the unchunked path up to float rounding. Otherwise one call on the
         whole [B, T, V] logits.
         """
-        c = self.cfg.logits_chunk_size()
         b, t, d = h_BxTxD.shape
+        c = self.cfg.logits_chunk_size(b)
         if not c or t <= c:
             return fn(self.apply_head(h_BxTxD).astype(jnp.float32), *per_position)
         n = -(-t // c)

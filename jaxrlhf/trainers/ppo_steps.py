@@ -36,9 +36,11 @@ def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
     actor = nnx.merge(graphdefs["actor"], params["actor"])
     resp_rows = ro.response_rows(tokens, resp.shape[1])
     h_resp = actor.hidden(tokens, mask, select=resp_rows)
+    # Without an entropy bonus the entropy is a metric: no gradient path through it.
+    ent_in = (lambda z: z) if opts["entropy_coef"] else jax.lax.stop_gradient
     logp, ent = actor.head_reduce(
         h_resp, lambda z, y: (sampling_logprobs(z, y, **_sampling_kw(opts)),
-                              obj.entropy(z, opts["temperature"])), resp)
+                              obj.entropy(ent_in(z), opts["temperature"])), resp)
     critic = opts["critic"]
     if critic == "none":
         values = jnp.zeros(h_resp.shape[:2], jnp.float32)
@@ -162,7 +164,7 @@ def ppo_losses(outputs, mb, denoms, opts):
                                  clip_eps_high=opts["clip_eps_high"] or None,
                                  dual_clip=opts["dual_clip"] or None, agg=agg, **denoms)
     ent_term = obj.aggregate(ent, valid, agg, **denoms)
-    total = pg - opts["entropy_coef"] * ent_term
+    total = pg - opts["entropy_coef"] * ent_term if opts["entropy_coef"] else pg
     aux = {"policy_loss": pg, "entropy_bonus_term": ent_term,
            "approx_kl": pm["approx_kl"], "clipfrac": pm["clipfrac"],
            "ratio_mean": pm["ratio_mean"], "ratio_max": pm["ratio_max"]}
