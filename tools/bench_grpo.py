@@ -28,8 +28,9 @@ ppo_steps.py; trl/trainer/grpo_trainer.py 0.29.0):
            3. one jitted program (`ppo_steps.fused_first_update`, one minibatch): actor
               forward under `jax.vjp` (last layer only at the response positions; LM head,
               log-probs and entropy through `Transformer.head_reduce`, chunked over positions
-              by model.logits_chunk: auto 128 positions for vocabularies >= 32k, so one chunk
-              when --new <= 128) -- its log-probs ARE pi_old, no separate
+              by model.logits_chunk: auto for vocabularies >= 32k, at most 1,024 rows x
+              positions per chunk, i.e. 32 positions for 32 rows; the entropy is a metric
+              with no backward) -- its log-probs ARE pi_old, no separate
               old-log-prob forward --, reference forward (response positions), group
               advantages, loss, backward through the same actor forward, clip, optax AdamW;
               a real model (--hf) runs `model.remat = "full"` (the forward recomputed in the
