@@ -140,30 +140,11 @@ KL_LOSS_COEF = 0.04
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", default="tiny,small")
-    ap.add_argument("--iterations", type=int, default=5, help="timed GRPO iterations")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed first iterations")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4, help="prompts per iteration")
+    bp.add_trainer_bench_args(ap, what="GRPO", batch=4, new=128,
+                              batch_help="prompts per iteration")
     ap.add_argument("--k", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    ap.add_argument("--new", type=int, default=128, help="max new tokens")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trl-threads", default=None,
-                    help="torch thread counts to run TRL with, comma-separated, in this order; "
-                         "the fastest is reported (default: 1 and --threads)")
-    ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="rounds of (jaxrlhf, TRL) per preset; each side's fastest is reported")
-    ap.add_argument("--hf", default="", help="a local HF causal-LM dir: real-model mode")
-    ap.add_argument("--out", default="", help="where to write the JSON")
-    args = ap.parse_args()
-    if args.hf:   # real-model defaults unless given
-        given = " ".join(sys.argv)
-        for flag, value in (("--prompt", 64), ("--iterations", 2), ("--repeats", 1)):
-            if flag not in given:
-                setattr(args, flag[2:], value)
-    return args
+    return bp.real_model_defaults(ap.parse_args(), (("--prompt", 64), ("--iterations", 2),
+                                                    ("--repeats", 1)))
 
 
 # ------------------------------------------------------------------------------------------

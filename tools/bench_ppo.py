@@ -144,15 +144,16 @@ TRL_INSTALL = f"pip install trl=={TRL_VERSION}"
 TARGET_RATIO = 3.0
 
 
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_trainer_bench_args(ap, *, what: str, batch: int, new: int, batch_help: str = ""):
+    """The options bench_ppo.py and bench_grpo.py share (presets, timing, threads, shapes,
+    the TRL side, --hf, --out)."""
     ap.add_argument("--presets", default="tiny,small")
-    ap.add_argument("--iterations", type=int, default=5, help="timed PPO iterations")
+    ap.add_argument("--iterations", type=int, default=5, help=f"timed {what} iterations")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first iterations")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=batch, help=batch_help or None)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=new, help="max new tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-threads", default=None,
                     help="torch thread counts to run TRL with, comma-separated; the fastest "
@@ -161,15 +162,24 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (jaxrlhf, TRL) per preset; each side's fastest is reported")
     ap.add_argument("--hf", default="", help="a local HF causal-LM dir: real-model mode")
-    ap.add_argument("--out", default="", help="--hf: where to write the JSON")
-    args = ap.parse_args()
-    if args.hf:   # real-model defaults unless given
+    ap.add_argument("--out", default="", help="where to write the JSON")
+
+
+def real_model_defaults(args, defaults):
+    """--hf: (flag, value) defaults applied unless the flag was given."""
+    if args.hf:
         given = " ".join(sys.argv)
-        for flag, value in (("--new", 128), ("--prompt", 64), ("--iterations", 2),
-                            ("--repeats", 1)):
+        for flag, value in defaults:
             if flag not in given:
                 setattr(args, flag[2:], value)
     return args
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_trainer_bench_args(ap, what="PPO", batch=8, new=64)
+    return real_model_defaults(ap.parse_args(), (("--new", 128), ("--prompt", 64),
+                                                 ("--iterations", 2), ("--repeats", 1)))
 
 
 def _peak_rss_gb() -> float:
