@@ -125,7 +125,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -530,10 +529,7 @@ def main():
     if args.iterations < 1 or args.warmup < 1:
         raise SystemExit("--iterations and --warmup must be >= 1")
     cores = bc.pin_cpu_threads(args.threads)  # before jax / torch are imported
-    import flax
-    import jax
     import torch
-    import transformers
 
     torch.set_num_threads(args.threads)
     has_trl, trl_info = (False, "skipped (--no-trl)") if args.no_trl else bp.trl_available()
@@ -551,20 +547,11 @@ def main():
                   "dtype": "float32",
                   "order": "per model: jaxrlhf, then TRL per thread count, each in a fresh "
                            "child process"},
-        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
-                    "matmul_gflops": round(bc.matmul_gflops(), 1),
-                    "load_average_at_start": list(os.getloadavg())},
-        "versions": {"jax": jax.__version__, "flax": flax.__version__,
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "trl": trl_info if has_trl else None},
+        **bp.machine_and_versions(cores, has_trl, trl_info),
         "presets": [],
     }
-    if not has_trl:
-        out["trl_note"] = (f"TRL not measured ({trl_info}). Install it with `{bp.TRL_INSTALL}` "
-                           "to compare against trl.GRPOTrainer.")
-    if args.hf:   # both workers inherit it
-        os.environ["JAXRLHF_HOST_MALLOC"] = bp.REAL_MODEL_MALLOC
-        out["setup"]["jaxrlhf_host_malloc"] = bp.REAL_MODEL_MALLOC
+    bp.note_trl_and_malloc(out, args, has_trl, trl_info, "trl.GRPOTrainer")
+    if args.hf:
         out["setup"]["jaxrlhf_remat"] = "full"
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as root:
         for name in ([None] if args.hf else args.presets.split(",")):

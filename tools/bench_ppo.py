@@ -175,6 +175,32 @@ def real_model_defaults(args, defaults):
     return args
 
 
+def machine_and_versions(cores, has_trl: bool, trl_info) -> dict:
+    """The "machine" and "versions" blocks of a trainer benchmark's JSON (call after
+    pin_cpu_threads: imports jax and torch)."""
+    import flax
+    import jax
+    import torch
+    import transformers
+    return {"machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+                        "matmul_gflops": round(bc.matmul_gflops(), 1),
+                        "load_average_at_start": list(os.getloadavg())},
+            "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                         "torch": torch.__version__, "transformers": transformers.__version__,
+                         "trl": trl_info if has_trl else None}}
+
+
+def note_trl_and_malloc(out: dict, args, has_trl: bool, trl_info, trainer: str) -> None:
+    """Says in `out` why TRL was not measured; with --hf, sets the real-model allocator that
+    both workers inherit."""
+    if not has_trl:
+        out["trl_note"] = (f"TRL not measured ({trl_info}). Install it with `{TRL_INSTALL}` "
+                           f"to compare against {trainer}.")
+    if args.hf:
+        os.environ["JAXRLHF_HOST_MALLOC"] = REAL_MODEL_MALLOC
+        out["setup"]["jaxrlhf_host_malloc"] = REAL_MODEL_MALLOC
+
+
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_trainer_bench_args(ap, what="PPO", batch=8, new=64)
@@ -716,10 +742,7 @@ def main():
     if args.iterations < 1 or args.warmup < 1:
         raise SystemExit("--iterations and --warmup must be >= 1")
     cores = bc.pin_cpu_threads(args.threads)  # before jax / torch are imported
-    import flax
-    import jax
     import torch
-    import transformers
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -734,22 +757,10 @@ def main():
                   "trl_torch_threads_tried": trl_thread_counts(args) if has_trl else None,
                   "dtype": "float32",
                   "order": "per preset: jaxrlhf, then TRL, each in a fresh child process"},
-        "machine": {
-            "cores": cores, "cpu": platform.processor() or platform.machine(),
-            "matmul_gflops": round(bc.matmul_gflops(), 1),
-            "load_average_at_start": list(os.getloadavg()),
-        },
-        "versions": {"jax": jax.__version__, "flax": flax.__version__,
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "trl": trl_info if has_trl else None},
+        **machine_and_versions(cores, has_trl, trl_info),
         "presets": [],
     }
-    if not has_trl:
-        out["trl_note"] = (f"TRL not measured ({trl_info}). Install it with `{TRL_INSTALL}` "
-                           "to compare against trl.experimental.ppo.PPOTrainer.")
-    if args.hf:   # both workers inherit it
-        os.environ["JAXRLHF_HOST_MALLOC"] = REAL_MODEL_MALLOC
-        out["setup"]["jaxrlhf_host_malloc"] = REAL_MODEL_MALLOC
+    note_trl_and_malloc(out, args, has_trl, trl_info, "trl.experimental.ppo.PPOTrainer")
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as root:
         if args.hf:
             out["presets"].append(bench_hf_model(args, has_trl, root))
