@@ -3,6 +3,8 @@
   stats.py          token_logprobs, entropy, masked_mean / masked_var / masked_whiten
   ranking.py        pairwise / K-wise ranking losses (+ MOSS options),
                     contrastive_loss, pair_contrastive_loss
+  dpo.py            DPO family on pairs and rankings: preference_loss (sigmoid / cDPO, robust,
+                    IPO, SimPO over all ranked pairs), plackett_luce_loss (K-wise DPO)
   preference_strength.py  ensemble strength statistics (μ, σ) and per-pair labels (MOSS)
   metarm.py         MetaRM difference loss and the adapted parameters θ' (MOSS)
   uncertainty.py    uncertainty-aware ensemble reward mean − λ·std (MOSS)
@@ -29,6 +31,8 @@ from jaxrlhf.objectives.controllers import (AdaptiveKLController, FixedKLControl
                                             KLControllerState, init_adaptive_kl_controller,
                                             init_fixed_kl_controller, kl_controller_init,
                                             kl_controller_update)
+from jaxrlhf.objectives.dpo import (DPO_LOSSES, RANKING_LOSSES, plackett_luce_loss,
+                                    preference_loss, ranking_ends)
 from jaxrlhf.objectives.kl import (LOG_RATIO_CLAMP, clamped_log_ratio, kl_estimate, kl_k1, kl_k2,
                                    kl_k3, kl_penalized_rewards, last_token_index)
 from jaxrlhf.objectives.normalization import (RunningMoments, normalize_with_moments,
@@ -48,7 +52,7 @@ from jaxrlhf.objectives.stats import (entropy, masked_count, masked_mean, masked
 __all__ = [
     "adapted_params", "AdaptiveKLController", "aggregate", "aggregation_denominators",
     "clamped_log_ratio", "contrastive_loss", "DEFAULT_LOSS_AGG", "difference_loss",
-    "dr_grpo_advantages", "entropy", "GROUP_ESTIMATORS", "group_mean", "group_std",
+    "dr_grpo_advantages", "DPO_LOSSES", "entropy", "GROUP_ESTIMATORS", "group_mean", "group_std",
     "grpo_advantages", "overlong_penalty", "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages", "rloo_advantages", "uniform_groups",
     "FixedKLController", "gae", "get", "init_adaptive_kl_controller",
@@ -57,6 +61,7 @@ __all__ = [
     "kwise_ranking_loss", "last_token_index", "LOG_RATIO_CLAMP", "masked_count", "masked_mean",
     "masked_sum", "masked_var", "masked_whiten", "monte_carlo_advantages", "names",
     "normalize_with_moments", "pair_contrastive_loss", "pair_labels", "pairwise_ranking_loss",
+    "plackett_luce_loss", "preference_loss", "RANKING_LOSSES", "ranking_ends",
     "ppo_policy_loss", "ppo_ptx_objective", "ptx_loss", "register", "registry", "reward_bias",
     "running_moments_init", "running_moments_merge", "running_moments_std",
     "running_moments_update", "RunningMoments", "seq_mean", "seq_sum", "seq_sum_norm", "strength_stats",

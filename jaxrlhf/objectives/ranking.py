@@ -33,6 +33,40 @@ def _win_score(diff: jax.Array) -> jax.Array:
     return jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0)).astype(diff.dtype)
 
 
+def pair_masks(ranks_BxK: jax.Array, valid_BxK: jax.Array, tie_mode: str):
+    """([B, K, K] ranked pairs (i above j), [B, K, K] tie pairs (equal ranks, i < j; all False
+    under tie_mode="skip")) of a ranking batch."""
+    if tie_mode not in ("skip", "soft"):
+        raise ValueError(f"tie_mode must be 'skip' or 'soft', got {tie_mode!r}")
+    valid = as_bool_mask(valid_BxK)
+    ranks = jnp.where(valid, ranks_BxK, 0)
+    k = ranks.shape[-1]
+    ranked = ranked_pairs(ranks, valid)
+    upper = jnp.triu(jnp.ones((k, k), jnp.bool_), k=1)[None]
+    tied = (valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] == ranks[:, None, :])
+            & upper)
+    if tie_mode == "skip":
+        tied = jnp.zeros_like(tied)
+    return ranked, tied
+
+
+def normalised_pair_loss(ranked_loss: jax.Array, tie_loss: jax.Array, ranked: jax.Array,
+                         tied: jax.Array, pair_weights: jax.Array | None, dtype):
+    """The K-wise normalisation of per-pair losses [B, K, K] (`kwise_ranking_loss`):
+    Σ_b L_b / Σ_b W_b with L_b, W_b the weighted pair loss and weight sums over N_b pairs.
+    Returns (loss, N_b [B], metric weights [B, K, K]: w_bij / N_b on ranked pairs, else 0)."""
+    is_pair = ranked | tied
+    per_pair = jnp.where(ranked, ranked_loss, jnp.where(tied, tie_loss, 0.0))
+    w = jnp.ones(ranked.shape, dtype) if pair_weights is None else upcast(pair_weights, dtype)
+    w = jnp.where(is_pair, w, 0.0)
+    n_pairs_B = jnp.sum(is_pair.astype(dtype), axis=(1, 2))
+    L_B = safe_divide(jnp.sum(jnp.where(is_pair, per_pair * w, 0.0), axis=(1, 2)), n_pairs_B)
+    W_B = safe_divide(jnp.sum(w, axis=(1, 2)), n_pairs_B)
+    loss = safe_divide(jnp.sum(L_B), jnp.sum(W_B))
+    mw = jnp.where(ranked, safe_divide(w, n_pairs_B[:, None, None]), 0.0)
+    return loss, n_pairs_B, mw
+
+
 def pairwise_ranking_loss(r_chosen_B: jax.Array, r_rejected_B: jax.Array, *,
                           margin: Scalar | None = None, label_smoothing: Scalar = 0.0,
                           weights: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -120,33 +154,16 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
         included in "soft" mode); num_prompts: prompts with ≥ 1 pair; center_penalty: the
         mean of r̄_b² over those prompts (reported whatever center_coef is).
     """
-    if tie_mode not in ("skip", "soft"):
-        raise ValueError(f"tie_mode must be 'skip' or 'soft', got {tie_mode!r}")
     dtype = compute_dtype(rewards_BxK)
     valid = as_bool_mask(valid_BxK)
     r = jnp.where(valid, upcast(rewards_BxK, dtype), 0.0)
-    ranks = jnp.where(valid, ranks_BxK, 0)
-    K = r.shape[-1]
-
-    both_valid = valid[:, :, None] & valid[:, None, :]                        # BxKxK
-    ranked = ranked_pairs(ranks, valid)                                      # i above j
-    upper = jnp.triu(jnp.ones((K, K), jnp.bool_), k=1)[None]                 # i < j
-    tied = both_valid & (ranks[:, :, None] == ranks[:, None, :]) & upper
-    if tie_mode == "skip":
-        tied = jnp.zeros_like(tied)
+    ranked, tied = pair_masks(ranks_BxK, valid, tie_mode)
     diff = r[:, :, None] - r[:, None, :]                                     # r_i − r_j
     delta = diff if margin is None else diff - jnp.asarray(margin, dtype)
     ranked_loss = _smoothed_logsigmoid_loss(delta, label_smoothing)
     tie_loss = _smoothed_logsigmoid_loss(diff, 0.5)
-    per_pair = jnp.where(ranked, ranked_loss, jnp.where(tied, tie_loss, 0.0))
-    is_pair = ranked | tied
-
-    w = jnp.ones_like(diff) if pair_weights is None else upcast(pair_weights, dtype)
-    w = jnp.where(is_pair, w, 0.0)
-    n_pairs_B = jnp.sum(is_pair.astype(dtype), axis=(1, 2))
-    L_B = safe_divide(jnp.sum(jnp.where(is_pair, per_pair * w, 0.0), axis=(1, 2)), n_pairs_B)
-    W_B = safe_divide(jnp.sum(w, axis=(1, 2)), n_pairs_B)
-    loss = safe_divide(jnp.sum(L_B), jnp.sum(W_B))
+    loss, n_pairs_B, mw = normalised_pair_loss(ranked_loss, tie_loss, ranked, tied,
+                                               pair_weights, dtype)
     has_pair_B = n_pairs_B > 0
     n_valid_B = jnp.sum(valid.astype(dtype), axis=-1)
     mean_r_B = safe_divide(jnp.sum(r, axis=-1), n_valid_B)
@@ -154,10 +171,7 @@ def kwise_ranking_loss(rewards_BxK: jax.Array, ranks_BxK: jax.Array, valid_BxK: 
                                  jnp.sum(has_pair_B.astype(dtype)))
     loss = loss + jnp.asarray(center_coef, dtype) * center_penalty
 
-    # Metrics over ranked pairs, each pair weighted w_bij / N_b like in the loss.
-    mw = jnp.where(ranked, safe_divide(w, n_pairs_B[:, None, None]), 0.0)
-    mw_sum = jnp.sum(mw)
-    wmean = lambda x: safe_divide(jnp.sum(jnp.where(ranked, x, 0.0) * mw), mw_sum)
+    wmean = lambda x: safe_divide(jnp.sum(x * mw), jnp.sum(mw))
     metrics = {
         "loss": loss,
         "accuracy": wmean(_win_score(diff)),
