@@ -7,7 +7,8 @@ Fields (`--config.<field>=value` overrides any of them from the command line; un
 are an error):
 
   stage        "sft" | "rm" | "ppo" | "pipeline" | "rm_ensemble" (M reward models in one
-               vmapped step + preference strength; `jaxrlhf.trainers.rm_ensemble`)
+               vmapped step + preference strength; `jaxrlhf.trainers.rm_ensemble`) | "dpo"
+               (direct preference optimisation; `jaxrlhf.trainers.dpo`)
   seed         seeds init, data order and sampling; the same seed gives the same run
   data_root    where relative data paths are looked up (e.g. "hh-rlhf-harmless/train.jsonl.gz"
                in the configs): the environment variable JAXRLHF_DATA_ROOT, else the shared
@@ -30,9 +31,9 @@ are an error):
   mesh         device mesh axis sizes {data, fsdp, tensor}; one may be -1 (= the rest)
   distributed  call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is
                set in the environment)
-  sft | rm | ppo (+ ptx_data)   the stage's own block, only in configs of that stage
+  sft | rm | dpo | ppo (+ ptx_data)   the stage's own block, only in configs of that stage
                (`jaxrlhf.options`: SFTOptions, RMOptions for rm and rm_ensemble with the
-               rm.center_data data block, PPOOptions)
+               rm.center_data data block, DPOOptions, PPOOptions)
 
 Each stage checks its blocks once at start-up (`jaxrlhf.options.parse`): a wrong type or value
 is one error naming the field.
@@ -48,10 +49,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.options import (PPOOptions, RMOptions, SFTOptions, TrainOptions,
+from jaxrlhf.options import (DPOOptions, PPOOptions, RMOptions, SFTOptions, TrainOptions,
                              config_block)
 
-STAGES = ("sft", "rm", "ppo", "pipeline", "rm_ensemble")
+STAGES = ("sft", "rm", "ppo", "pipeline", "rm_ensemble", "dpo")
 DATA_ROOT_ENV = "JAXRLHF_DATA_ROOT"
 
 
@@ -122,7 +123,8 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     c.model = _model_block()
 
     c.data = default_data_config()
-    c.data.format = {"sft": "sft", "rm": "ranking", "rm_ensemble": "ranking"}.get(stage,
+    c.data.format = {"sft": "sft", "rm": "ranking", "rm_ensemble": "ranking",
+                     "dpo": "ranking"}.get(stage,
                                                                                 "prompt")
     c.eval_data = default_data_config()
     c.eval_data.path = ""
@@ -142,6 +144,8 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
         c.rm = config_block(RMOptions)
         c.rm.center_data = default_data_config()   # SFT demonstrations used for centring
         c.rm.center_data.format = "sft"
+    if stage == "dpo":
+        c.dpo = config_block(DPOOptions)
     if stage == "ppo":
         c.ppo = config_block(PPOOptions)
         c.ptx_data = default_data_config()      # pretraining text for the ptx term (ppo.ptx_coef)
@@ -201,10 +205,14 @@ def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False
     p = c.pipeline = ml_collections.ConfigDict()
-    p.sft, p.ppo = sft_cfg, ppo_cfg
+    p.sft = sft_cfg
+    if ppo_cfg.stage == "dpo":   # SFT -> DPO: the policy stage is direct preference optimisation
+        p.dpo = ppo_cfg
+    else:
+        p.ppo = ppo_cfg
     if rm_cfg is not None:   # None: the RL stage's reward is Python functions only
         p.rm = rm_cfg
-    p.rl_dir = "ppo"          # directory name of the RL stage
+    p.rl_dir = ppo_cfg.stage  # directory name of the policy stage
     p.iterations = 1
     p.comparisons_k = 4
     p.comparisons_per_round = 512

@@ -6,7 +6,7 @@ once, checked once with errors that name the field.
 
 `parse` rejects unknown fields, converts ints given for float fields, checks every type, then
 runs the class's `check()`; each error is one `ValueError` naming `<block>.<field>`. Blocks:
-`train` (every stage), `sft`, `rm` (the rm and rm_ensemble stages), `ppo`.
+`train` (every stage), `sft`, `rm` (the rm and rm_ensemble stages), `dpo`, `ppo`.
 """
 from __future__ import annotations
 
@@ -207,6 +207,66 @@ class RMOptions:
         """Any MOSS option on."""
         return bool(self.strength_file or self.contrastive_coef or self.meta_rm
                     or self.flip_fraction or self.soft_labels or self.adaptive_margin)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOOptions:
+    """Direct preference optimisation (`config.dpo`; `jaxrlhf.trainers.dpo`). The policy starts
+    from `init_from`; the MOSS fields mean what they mean in `config.rm`."""
+
+    loss: str = "sigmoid"         # "sigmoid" (DPO; cDPO with label_smoothing), "robust",
+                                  # "ipo", "simpo" (reference-free, length-normalised)
+    ranking: str = "pairs"        # K-wise data: all ranked pairs ("pairs") or the whole
+                                  # ranking's Plackett-Luce likelihood ("plackett_luce")
+    beta: float = 0.1             # implicit reward beta * log(pi / pi_ref) (SimPO: beta * mean)
+    label_smoothing: float = 0.0  # epsilon: cDPO / robust DPO's assumed flip rate / IPO soft label
+    margin: float = 0.0           # m in z = beta * (s_w - s_l) - m
+    simpo_gamma: float = 0.5      # SimPO's target reward margin gamma
+    tie_mode: str = "skip"        # ties give nothing ("skip") or a target of 1/2 ("soft")
+    ref_init: str = ""            # "" = init_from (the model the policy starts from)
+    ref_logps: str = "cached"     # reference log-probs computed once per row before training
+                                  # and kept in the stage dir ("cached"), or in every step ("step")
+    ref_batch_size: int = 0       # rows per batch of the caching pass (0 = train.batch_size)
+    export_hf: bool = True
+    strength_file: str = ""       # strength.jsonl of an rm_ensemble stage on the same data
+    flip_fraction: float = 0.0
+    soft_labels: bool = False
+    soft_label_temperature: float = 1.0
+    adaptive_margin: float = 0.0
+    adaptive_margin_max: float = 5.0
+
+    def check(self, b: str) -> None:
+        _one_of(b, "loss", self.loss, ("sigmoid", "robust", "ipo", "simpo"))
+        _one_of(b, "ranking", self.ranking, ("pairs", "plackett_luce"))
+        _one_of(b, "tie_mode", self.tie_mode, ("skip", "soft"))
+        _one_of(b, "ref_logps", self.ref_logps, ("cached", "step"))
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            _fail(b, "beta", f"must be > 0, got {self.beta!r}")
+        high = 0.49 if self.loss == "robust" else 1.0
+        _in_range(b, "label_smoothing", self.label_smoothing, 0.0, high)
+        _at_least(b, "ref_batch_size", self.ref_batch_size, 0)
+        _in_range(b, "flip_fraction", self.flip_fraction, 0.0, 1.0)
+        if not self.soft_label_temperature > 0:
+            _fail(b, "soft_label_temperature", f"must be > 0, got {self.soft_label_temperature!r}")
+        if self.ranking == "plackett_luce":
+            if self.loss not in ("sigmoid", "simpo"):
+                _fail(b, "ranking", f"'plackett_luce' is the sigmoid (or simpo) likelihood of a "
+                                    f"ranking; it does not combine with dpo.loss={self.loss!r}")
+            for name in ("label_smoothing", "margin", "strength_file"):
+                if getattr(self, name):
+                    _fail(b, name, "applies to pairs; set dpo.ranking='pairs' to use it")
+            if self.loss == "simpo" and self.simpo_gamma:
+                _fail(b, "simpo_gamma", "applies to pairs; set it to 0 with "
+                                        "dpo.ranking='plackett_luce'")
+        needs_strength = self.flip_fraction or self.soft_labels or self.adaptive_margin
+        if needs_strength and not self.strength_file:
+            _fail(b, "strength_file", "is needed by dpo.flip_fraction / dpo.soft_labels / "
+                                      "dpo.adaptive_margin (strength.jsonl of an rm_ensemble "
+                                      "stage)")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss == "simpo"
 
 
 @dataclasses.dataclass(frozen=True)

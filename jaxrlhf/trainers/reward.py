@@ -76,28 +76,34 @@ def _with_pair_labels(batch, *, table, label_kw):
     return batch
 
 
+def strength_pair_labels(opts, train_ds):
+    """(batch -> batch with per-pair (ε, m) under "pair_smoothing" / "pair_margin", info for
+    summary.json) from the strength file of `opts` (rm or dpo options: strength_file,
+    flip_fraction, label_smoothing, margin, soft_labels, soft_label_temperature,
+    adaptive_margin, adaptive_margin_max); (None, {}) without a strength file."""
+    from jaxrlhf.data.preference_strength import StrengthTable, read_strength
+    if not opts.strength_file:
+        return None, {}
+    rows = read_strength(opts.strength_file)
+    table = StrengthTable.from_rows(rows, train_ds.num_responses, float(opts.flip_fraction),
+                                    opts.strength_file)
+    label_kw = dict(label_smoothing=float(opts.label_smoothing), margin=float(opts.margin),
+                    soft_labels=bool(opts.soft_labels),
+                    soft_label_temperature=float(opts.soft_label_temperature),
+                    adaptive_margin=float(opts.adaptive_margin),
+                    adaptive_margin_max=float(opts.adaptive_margin_max))
+    info = dict(strength_pairs=len(rows), flipped_pairs=int(table.flip.sum()))
+    return functools.partial(_with_pair_labels, table=table, label_kw=label_kw), info
+
+
 def moss_options(config, rc: RMOptions, train_ds, tokenizer, mesh, stage_dir: str,
                  train_iter):
     """(training batches, extra train_step options, info for summary.json) for the MOSS
     options `rc` (config.rm); (train_iter, {}, None) when all are off."""
     from jaxrlhf.data.metarm import meta_dataset, read_meta_file
-    from jaxrlhf.data.preference_strength import StrengthTable, read_strength
     if not rc.moss:
         return train_iter, {}, None
-    info: dict = {}
-    pair_labels = None   # batch -> batch with per-pair (ε, m)
-    if rc.strength_file:
-        rows = read_strength(rc.strength_file)
-        table = StrengthTable.from_rows(rows, train_ds.num_responses,
-                                        float(rc.flip_fraction), rc.strength_file)
-        label_kw = dict(label_smoothing=float(rc.label_smoothing), margin=float(rc.margin),
-                        soft_labels=bool(rc.soft_labels),
-                        soft_label_temperature=float(rc.soft_label_temperature),
-                        adaptive_margin=float(rc.adaptive_margin),
-                        adaptive_margin_max=float(rc.adaptive_margin_max))
-        info.update(strength_pairs=len(rows), flipped_pairs=int(table.flip.sum()))
-
-        pair_labels = functools.partial(_with_pair_labels, table=table, label_kw=label_kw)
+    pair_labels, info = strength_pair_labels(rc, train_ds)
     extras = {}
     if rc.meta_rm:
         if rc.meta_data:

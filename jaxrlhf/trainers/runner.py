@@ -5,6 +5,7 @@
   ppo       -> jaxrlhf.trainers.ppo.run(config, workdir)
   pipeline  -> sft -> rm -> ppo in workdir/{sft,rm,ppo}
   rm_ensemble -> jaxrlhf.trainers.rm_ensemble.run(config, workdir)  (M RMs + strength)
+  dpo       -> jaxrlhf.trainers.dpo.run(config, workdir)
 
 Every stage module has `build(config, stage_dir) -> common.Stage` and `run`, which hands
 `build` to `common.run_stage` (the one loop). Every stage resumes from the latest checkpoint in
@@ -18,7 +19,8 @@ import os
 
 STAGE_MODULES = {"sft": "jaxrlhf.trainers.sft", "rm": "jaxrlhf.trainers.reward",
                  "ppo": "jaxrlhf.trainers.ppo", "pipeline": "jaxrlhf.trainers.pipeline",
-                 "rm_ensemble": "jaxrlhf.trainers.rm_ensemble"}
+                 "rm_ensemble": "jaxrlhf.trainers.rm_ensemble",
+                 "dpo": "jaxrlhf.trainers.dpo"}
 
 
 def run(config, workdir: str):

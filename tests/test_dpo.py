@@ -1,0 +1,180 @@
+"""The DPO stage: cached and in-step reference agree, exact resume, the reference cache file,
+Plackett–Luce with gradient accumulation, MOSS per-pair labels, response masks, HF export."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainer_utils import load_config, read_jsonl, run_preempted, shrink
+
+from jaxrlhf import objectives as obj
+from jaxrlhf.checkpoint import Checkpointer
+from jaxrlhf.data import build_dataset, load_tokenizer
+from jaxrlhf.options import DPOOptions, parse
+from jaxrlhf.trainers import common, dpo, runner
+
+
+def _config(stage_dirs, arg="", steps=4, **opts):
+    c = shrink(load_config("dpo", f"sft={stage_dirs['sft']}" + (f",{arg}" if arg else "")),
+               steps=steps)
+    c.train.lr = 1e-2            # large enough that 4 steps move the random tiny policy
+    for k, v in opts.items():
+        c.dpo[k] = v
+    return c
+
+
+def _rows(stage_dir, split="train"):
+    return [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
+            if r.get("split", "train") == split]
+
+
+def _state(stage_dir):
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
+    state, _ = ckpt.restore_raw()
+    ckpt.close()
+    return jax.tree.map(np.asarray, state)
+
+
+def test_cached_and_in_step_reference_give_the_same_run(tmp_path, stage_dirs):
+    cached, step = str(tmp_path / "cached"), str(tmp_path / "step")
+    runner.run(_config(stage_dirs), cached)
+    runner.run(_config(stage_dirs, ref_logps="step"), step)
+    assert os.path.exists(os.path.join(cached, "ref_logps_train.npz"))
+    assert os.path.exists(os.path.join(cached, "ref_logps_eval.npz"))
+    assert not any(f.startswith("ref_logps") for f in os.listdir(step))
+    a, b = _rows(cached), _rows(step)
+    assert len(a) == 4
+    for x, y in zip(a, b):
+        for k in ("loss", "accuracy", "reward_margin", "chosen_logratio", "grad_norm"):
+            np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
+    # the policy starts at the reference: s = 0, loss log 2, accuracy ½ (ties count half)
+    start = _rows(cached, "eval")[0]
+    assert start["step"] == 0
+    np.testing.assert_allclose(start["loss"], math.log(2), rtol=1e-6)
+    assert start["accuracy"] == 0.5 and start["chosen_logratio"] == 0.0
+    assert a[-1]["loss"] < math.log(2) and a[-1]["chosen_logratio"] != 0
+    pa, pb = _state(cached)["params"], _state(step)["params"]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
+    with open(os.path.join(cached, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["stage"] == "dpo" and summary["loss"] == "sigmoid"
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+def test_resume_is_exact(tmp_path, stage_dirs, monkeypatch):
+    cfg = _config(stage_dirs, steps=6)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    runner.run(cfg, full)
+    assert run_preempted(cfg, part, monkeypatch) == 3
+    jax.tree.map(np.testing.assert_array_equal, _state(full), _state(part))
+    ra, rb = _rows(full), _rows(part)
+    assert ra == rb and len(ra) == 6
+    # the export is the final policy, and scores exactly as the trained params do
+    from jaxrlhf.models import load_hf
+    model = load_hf(os.path.join(full, "hf"), head="lm")
+    from flax import nnx
+    tok = load_tokenizer("byte")
+    ds = build_dataset(cfg.data, tok)
+    b = next(ds.iterator(4, shuffle=False))
+    args = (jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
+            jnp.asarray(b["prompt_len"]))
+    got = dpo.response_logps(common.params_of(model), nnx.graphdef(model), *args)[0]
+    want = dpo.response_logps(_state(full)["params"], nnx.graphdef(model), *args)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_reference_cache_is_reused_and_rebuilt_for_other_data(tmp_path, stage_dirs):
+    cfg = _config(stage_dirs)
+    tok = load_tokenizer("byte")
+    ds = build_dataset(cfg.data, tok)
+    mesh = common.mesh_from_config(cfg)
+    calls = []
+
+    def ref_fn(tokens, mask, prompt_len):
+        calls.append(1)
+        return (jnp.sum(tokens, -1).astype(jnp.float32), None)
+
+    path = str(tmp_path / "ref.npz")
+    first = dpo.RefCache.build(ds, path, "fp-a", ref_fn, 16, mesh, lambda *a: None)
+    n = len(calls)
+    assert n == -(-len(ds.rows) // 16)
+    again = dpo.RefCache.build(ds, path, "fp-a", ref_fn, 16, mesh, lambda *a: None)
+    assert len(calls) == n                                   # read back, nothing computed
+    np.testing.assert_array_equal(first.table, again.table)
+    dpo.RefCache.build(ds, path, "fp-b", ref_fn, 16, mesh, lambda *a: None)
+    assert len(calls) == 2 * n                               # other data: recomputed
+    b = next(ds.iterator(8, shuffle=True, seed=3))
+    got = first.add(dict(b))["ref_logps"]
+    want = np.where(b["valid"] > 0, b["tokens"].sum(-1), 0)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_plackett_luce_with_gradient_accumulation(tmp_path, stage_dirs):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    runner.run(_config(stage_dirs, steps=2, ranking="plackett_luce"), one)
+    c = _config(stage_dirs, steps=2, ranking="plackett_luce")
+    c.train.grad_accum = 2
+    runner.run(c, two)
+    for x, y in zip(_rows(one), _rows(two)):
+        for k in ("loss", "accuracy", "grad_norm", "chosen_logps"):
+            np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-6)
+    assert _rows(one)[0]["loss"] > 1.0          # K = 4: log 4! / ... > log 2 at the start
+
+
+def test_strength_labels_flip_a_pair(stage_dirs):
+    """A flipped pair (MOSS per-pair labels) is trained exactly as the pair with its ranks
+    swapped; soft labels and margins are the RM's."""
+    from jaxrlhf.models import load_hf
+    from flax import nnx
+    model = load_hf(os.path.join(stage_dirs["sft"], "hf"), head="lm")
+    gd, params = nnx.graphdef(model), common.params_of(model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 200, (3, 2, 12)).astype(np.int32)
+    batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens),
+             "prompt_len": np.full((3, 2), 5, np.int32), "ranks": np.tile([0, 1], (3, 1)),
+             "valid": np.ones((3, 2), np.int32),
+             "ref_logps": rng.normal(size=(3, 2)).astype(np.float32) - 30}
+    kw = dpo.loss_kw_of(parse(DPOOptions, {"beta": 0.5}, "dpo"))
+    mu = np.zeros((3, 2, 2))
+    mu[:, 0, 1] = [1.0, -2.0, 0.5]
+    flip = np.zeros((3, 2, 2), bool)
+    flip[:, 0, 1] = True
+    eps, m = obj.pair_labels(mu, flip)
+    flipped, _ = dpo.dpo_loss(params, gd, dict(batch, pair_smoothing=eps, pair_margin=m), **kw)
+    swapped, _ = dpo.dpo_loss(params, gd, dict(batch, ranks=np.tile([1, 0], (3, 1))), **kw)
+    np.testing.assert_allclose(float(flipped), float(swapped), rtol=1e-6)
+    plain, _ = dpo.dpo_loss(params, gd, batch, **kw)
+    assert abs(float(plain) - float(swapped)) > 1e-3
+
+
+def test_response_mask_covers_the_response_and_its_eos(stage_dirs):
+    from jaxrlhf.models import load_hf
+    from flax import nnx
+    model = load_hf(os.path.join(stage_dirs["sft"], "hf"), head="lm")
+    cfg = _config(stage_dirs)
+    ds = build_dataset(cfg.data, load_tokenizer("byte"))
+    b = next(ds.iterator(4, shuffle=False))
+    _, n = dpo.response_logps(common.params_of(model), nnx.graphdef(model),
+                              jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
+                              jnp.asarray(b["prompt_len"]))
+    want = b["attention_mask"].sum(-1) - b["prompt_len"]
+    np.testing.assert_array_equal(np.asarray(n)[b["valid"] > 0], want[b["valid"] > 0])
+    ex = ds.examples[int(b["index"][0])]
+    assert int(np.asarray(n)[0, 0]) == len(ex["responses"][0].encode()) + 1   # bytes + EOS
+
+
+@pytest.mark.parametrize("opts, field", [
+    ({"ranking": "plackett_luce", "loss": "ipo"}, "dpo.ranking"),
+    ({"ranking": "plackett_luce", "label_smoothing": 0.1}, "dpo.label_smoothing"),
+    ({"loss": "robust", "label_smoothing": 0.5}, "dpo.label_smoothing"),
+    ({"flip_fraction": 0.1}, "dpo.strength_file"),
+    ({"beta": 0.0}, "dpo.beta"),
+    ({"ref_logps": "disk"}, "dpo.ref_logps"),
+])
+def test_option_errors_name_the_field(opts, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        parse(DPOOptions, opts, "dpo")
