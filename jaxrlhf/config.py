@@ -196,6 +196,11 @@ def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
       pipeline.comparisons_per_round prompts per round (built-in task)
       pipeline.comparisons           user ranking files, one per round after the first
       pipeline.rm_round_steps        RM steps per retraining round
+    SFT -> DPO (ppo_cfg a "dpo" stage config, kept as pipeline.dpo), online DPO rounds:
+      pipeline.dpo_round_steps       DPO steps per round; pipeline.sample_max_new_tokens /
+                                     sample_temperature: how the policy samples
+      pipeline.label_rm              a reward model that ranks the samples ("" = the built-in
+                                     labeller or pipeline.comparisons)
     Override a stage field with e.g. --config.pipeline.ppo.ppo.kl_coef=0.
     """
     c = ml_collections.ConfigDict()
@@ -218,4 +223,10 @@ def pipeline_config(sft_cfg, rm_cfg, ppo_cfg) -> ml_collections.ConfigDict:
     p.comparisons_per_round = 512
     p.comparisons = ()
     p.rm_round_steps = 100
+    if ppo_cfg.stage == "dpo":     # online DPO rounds
+        p.dpo_round_steps = 100
+        p.sample_max_new_tokens = 16
+        p.sample_temperature = 1.0
+        p.label_rm = ""              # a reward-model dir ranks the samples (else the built-in
+                                     # labeller, or pipeline.comparisons files)
     return c

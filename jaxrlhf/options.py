@@ -224,9 +224,9 @@ class DPOOptions:
     simpo_gamma: float = 0.5      # SimPO's target reward margin gamma
     tie_mode: str = "skip"        # ties give nothing ("skip") or a target of 1/2 ("soft")
     ref_init: str = ""            # "" = init_from (the model the policy starts from)
-    ref_logps: str = "cached"     # reference log-probs computed once per row before training
-                                  # and kept in the stage dir ("cached"), or in every step ("step")
-    ref_batch_size: int = 0       # rows per batch of the caching pass (0 = train.batch_size)
+    ref_logps: str = "cached"     # reference log-probs computed once per visited row before
+                                  # training, kept in the stage dir ("cached"), or in every
+                                  # step ("step")
     export_hf: bool = True
     strength_file: str = ""       # strength.jsonl of an rm_ensemble stage on the same data
     flip_fraction: float = 0.0
@@ -244,7 +244,6 @@ class DPOOptions:
             _fail(b, "beta", f"must be > 0, got {self.beta!r}")
         high = 0.49 if self.loss == "robust" else 1.0
         _in_range(b, "label_smoothing", self.label_smoothing, 0.0, high)
-        _at_least(b, "ref_batch_size", self.ref_batch_size, 0)
         _in_range(b, "flip_fraction", self.flip_fraction, 0.0, 1.0)
         if not self.soft_label_temperature > 0:
             _fail(b, "soft_label_temperature", f"must be > 0, got {self.soft_label_temperature!r}")

@@ -87,7 +87,7 @@ def test_resume_is_exact(tmp_path, stage_dirs, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
-def test_reference_cache_is_reused_and_rebuilt_for_other_data(tmp_path, stage_dirs):
+def test_reference_cache_is_reused_extended_and_rebuilt_for_other_data(tmp_path, stage_dirs):
     cfg = _config(stage_dirs)
     tok = load_tokenizer("byte")
     ds = build_dataset(cfg.data, tok)
@@ -98,19 +98,24 @@ def test_reference_cache_is_reused_and_rebuilt_for_other_data(tmp_path, stage_di
         calls.append(1)
         return (jnp.sum(tokens, -1).astype(jnp.float32), None)
 
-    path = str(tmp_path / "ref.npz")
-    first = dpo.RefCache.build(ds, path, "fp-a", ref_fn, 16, mesh, lambda *a: None)
-    n = len(calls)
-    assert n == -(-len(ds.rows) // 16)
-    again = dpo.RefCache.build(ds, path, "fp-a", ref_fn, 16, mesh, lambda *a: None)
-    assert len(calls) == n                                   # read back, nothing computed
-    np.testing.assert_array_equal(first.table, again.table)
-    dpo.RefCache.build(ds, path, "fp-b", ref_fn, 16, mesh, lambda *a: None)
-    assert len(calls) == 2 * n                               # other data: recomputed
-    b = next(ds.iterator(8, shuffle=True, seed=3))
+    def batches(n):
+        it = ds.iterator(8, shuffle=True, seed=3)
+        return [next(it) for _ in range(n)]
+
+    path, quiet = str(tmp_path / "ref.npz"), (lambda *a: None)
+    first = dpo.RefCache.build(path, "fp-a", ref_fn, batches(12), mesh, quiet)
+    assert len(calls) == 8 and len(first.logps) == 64     # 64 rows: epoch 2 is all cached
+    again = dpo.RefCache.build(path, "fp-a", ref_fn, batches(12), mesh, quiet)
+    assert len(calls) == 8                                # read back, nothing computed
+    assert first.logps.keys() == again.logps.keys()
+    dpo.RefCache.build(path, "fp-b", ref_fn, batches(3), mesh, quiet)
+    assert len(calls) == 11                               # other data: recomputed
+    b = batches(1)[0]
     got = first.add(dict(b))["ref_logps"]
     want = np.where(b["valid"] > 0, b["tokens"].sum(-1), 0)
     np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="no reference log-prob for data row"):
+        dpo.RefCache({}, path).add(dict(b))
 
 
 def test_plackett_luce_with_gradient_accumulation(tmp_path, stage_dirs):
@@ -178,3 +183,51 @@ def test_response_mask_covers_the_response_and_its_eos(stage_dirs):
 def test_option_errors_name_the_field(opts, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         parse(DPOOptions, opts, "dpo")
+
+
+def test_pipeline_sft_then_dpo_then_an_online_round(tmp_path):
+    """SFT -> DPO -> one online round: K samples of the DPO policy per fresh prompt, ranked by
+    the built-in labeller, DPO continued from the policy with the SFT model as reference."""
+    c = load_config("dpo", "rounds=2")
+    shrink(c.pipeline.sft, steps=4)
+    shrink(c.pipeline.dpo, steps=4)
+    for name in ("sft", "dpo"):
+        c.pipeline[name].train.eval_every = 0
+    c.pipeline.comparisons_per_round = 8
+    c.pipeline.dpo_round_steps = 2
+    c.pipeline.sample_max_new_tokens = 8
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    d = str(tmp_path / "run")
+    summaries, _ = runner.run(c, d)
+    assert set(summaries) == {"sft", "dpo", "dpo_2"}
+    rows = read_jsonl(os.path.join(d, "round_2", "comparisons.jsonl"))
+    assert 0 < len(rows) <= 8
+    for row in rows:
+        assert len(row["responses"]) == len(row["ranks"]) >= 2
+    with open(os.path.join(d, "dpo_2", "summary.json")) as f:
+        s2 = json.load(f)
+    assert s2["reference"] == os.path.join(d, "sft", "hf") and s2["steps"] == 2
+    # re-running finds every stage finished
+    again, _ = runner.run(c, d)
+    assert again["dpo_2"]["wall_time_s"] == summaries["dpo_2"]["wall_time_s"]
+
+
+def test_reward_model_labeller_ranks_by_score(stage_dirs):
+    from jaxrlhf.trainers import pipeline
+    c = load_config("dpo", f"sft={stage_dirs['sft']}")
+    rows = [{"prompt": "sort: dcba", "responses": ["abcd", "dcba", "a", "abdc"]},
+            {"prompt": "sort: ba", "responses": ["ab", "ba"]}]
+    ranked = pipeline._rm_ranks(stage_dirs["rm"], rows, c.data, load_tokenizer("byte"))
+    from flax import nnx
+    from jaxrlhf.models import load_hf
+    from jaxrlhf.models.reward import sequence_rewards
+    rm = load_hf(os.path.join(stage_dirs["rm"], "hf"), head="score")
+    for row, out in zip(rows, ranked):
+        tok = load_tokenizer("byte")
+        seqs = [tok.encode(row["prompt"]) + tok.encode(r) + [tok.eos_id]
+                for r in row["responses"]]
+        t = max(map(len, seqs))
+        tokens = np.array([s + [tok.pad_id] * (t - len(s)) for s in seqs], np.int32)
+        mask = np.array([[1] * len(s) + [0] * (t - len(s)) for s in seqs], np.int32)
+        r = np.asarray(sequence_rewards(common.params_of(rm), nnx.graphdef(rm), tokens, mask))
+        assert out["ranks"] == [int(np.sum(r > x)) for x in r]

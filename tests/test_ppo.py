@@ -166,3 +166,21 @@ def test_pipeline_resumes_after_kill_in_each_stage(tmp_path, monkeypatch):
         jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
     s = json.load(open(os.path.join(part, "summary.json")))
     assert set(s) == {"sft", "rm", "ppo"}
+
+
+def test_iterated_rlhf_round_labels_policy_samples(tmp_path):
+    """Round 2 of iterated RLHF: K samples of the PPO policy per fresh prompt ranked by the
+    built-in labeller, the RM retrained on them from round 1's, PPO continued from the policy
+    with the SFT model as reference."""
+    cfg = _pipeline_config()
+    cfg.pipeline.iterations = 2
+    cfg.pipeline.comparisons_per_round = 8
+    cfg.pipeline.rm_round_steps = 2
+    d = str(tmp_path / "run")
+    summaries, _ = runner.run(cfg, d)
+    assert set(summaries) == {"sft", "rm", "ppo", "rm_2", "ppo_2"}
+    rows = read_jsonl(os.path.join(d, "round_2", "comparisons.jsonl"))
+    assert 0 < len(rows) <= 8
+    for row in rows:
+        assert len(set(row["responses"])) == len(row["ranks"]) >= 2
+    assert summaries["rm_2"]["steps"] == 2

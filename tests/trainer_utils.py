@@ -152,8 +152,12 @@ def run_preempted(cfg, stage_dir, monkeypatch, position: int = 2):
     from jaxrlhf.trainers import common, runner
     orig = batching.BatchIterator.__next__
 
+    def in_loop():   # the stage loop has its SIGTERM handler installed (not during build)
+        return isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None),
+                          common.SigtermFlag)
+
     def interrupting(self):
-        if self.shuffle and self.position == position and self.epoch == 0:
+        if self.shuffle and self.position == position and self.epoch == 0 and in_loop():
             os.kill(os.getpid(), signal.SIGTERM)
         return orig(self)
 

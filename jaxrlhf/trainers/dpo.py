@@ -11,9 +11,11 @@ and the loss is `objectives.preference_loss` over all ranked pairs (dpo.ranking 
 sigmoid / cDPO, robust, IPO, SimPO) or `objectives.plackett_luce_loss` (K-wise DPO).
 
 Reference log-probs (dpo.ref_logps):
-  cached  computed once per data row before the first step (the reference is then dropped) and
-          kept in stage_dir/ref_logps_<split>.npz with a fingerprint of the rows and the
-          reference; a resumed or re-run stage reads them back, every epoch reuses them
+  cached  computed before the first step, once per data row the run visits (its train.steps
+          batches replayed from the same iterator, and the held-out batches), then the
+          reference is dropped; kept in stage_dir/ref_logps_<split>.npz with a fingerprint of
+          the data rows and the reference: a resumed or re-run stage reads them back (a longer
+          run computes only the rows it adds), every epoch reuses them
   step    the frozen reference runs in every step (no file; one more forward per step)
 
 MOSS: dpo.strength_file (an rm_ensemble stage's strength.jsonl on the same data) with
@@ -169,47 +171,60 @@ def _fingerprint(ds, ref_dir: str, extra: str) -> str:
 
 
 class RefCache:
-    """Reference log-probs [N, K] of every row of a ranking data set (row `index`), computed
-    once and kept in a .npz file; `add(batch)` puts a batch's rows under "ref_logps"."""
+    """Reference log-probs [K] per data row (row `index`), computed once for the rows a run
+    visits and kept in a .npz file; `add(batch)` puts a batch's rows under "ref_logps"."""
 
-    def __init__(self, table: np.ndarray, path: str):
-        self.table, self.path = table, path
+    def __init__(self, logps: dict, path: str):
+        self.logps, self.path = logps, path
 
     @classmethod
-    def build(cls, ds, path: str, fingerprint: str, ref_fn, batch_size: int, mesh, log):
+    def build(cls, path: str, fingerprint: str, ref_fn, batches, mesh, log):
+        """Reads `path` when its fingerprint matches, then computes the rows of `batches` (host
+        batches, in order) it lacks with ref_fn(tokens, attention_mask, prompt_len) and
+        writes the file again if anything was added."""
+        logps = {}
         if os.path.exists(path):
             with np.load(path) as f:
                 if str(f["fingerprint"]) == fingerprint:
-                    log(f"[dpo] reference log-probs read from {path}")
-                    return cls(f["logps"], path)
-            log(f"[dpo] {path} is for other data or another reference; recomputing it")
-        k = ds.num_responses
-        n = max((r["index"] for r in ds.rows), default=-1) + 1
-        table = np.full((n, k), np.nan, np.float32)
-        it = ds.iterator(batch_size, shuffle=False, drop_remainder=False, num_epochs=1,
-                         process_index=jax.process_index(), process_count=jax.process_count())
-        for b in it:
+                    logps = dict(zip(f["index"].tolist(), f["logps"]))
+                else:
+                    log(f"[dpo] {path} is for other data or another reference; recomputing")
+        added = 0
+        for b in batches:
             g = common.to_global({key: b[key] for key in ("tokens", "attention_mask",
-                                                          "prompt_len", "index")}, mesh)
-            lp = shd.host_array(ref_fn(g["tokens"], g["attention_mask"], g["prompt_len"])[0])
+                                                          "prompt_len", "index", "valid")},
+                                 mesh)
             idx = shd.host_array(g["index"])
-            valid = shd.host_array(common.to_global({"v": b["valid"]}, mesh)["v"]) > 0
-            table[idx] = np.where(valid, lp, np.nan)
-        if jax.process_index() == 0:
+            if all(int(i) in logps for i in idx):
+                continue
+            lp = shd.host_array(ref_fn(g["tokens"], g["attention_mask"], g["prompt_len"])[0])
+            valid = shd.host_array(g["valid"]) > 0
+            for i, row, v in zip(idx, lp, valid):
+                if int(i) not in logps:
+                    logps[int(i)] = np.where(v, row, np.nan).astype(np.float32)
+                    added += 1
+        if added and jax.process_index() == 0:
+            keys = sorted(logps)
             tmp = path + ".tmp.npz"
-            np.savez(tmp, logps=table, fingerprint=np.asarray(fingerprint))
+            np.savez(tmp, index=np.asarray(keys, np.int64),
+                     logps=np.stack([logps[i] for i in keys]),
+                     fingerprint=np.asarray(fingerprint))
             os.replace(tmp, path)
-        log(f"[dpo] reference log-probs of {len(ds.rows)} rows written to {path}")
-        return cls(table, path)
+        log(f"[dpo] reference log-probs: {added} rows computed, {len(logps) - added} read "
+            f"back ({path})")
+        return cls(logps, path)
 
     def add(self, batch):
         idx = np.asarray(batch["index"]).astype(np.int64)
-        ref = self.table[idx]
-        missing = np.isnan(ref) & (np.asarray(batch["valid"]) > 0)
-        if missing.any():
-            b = int(np.nonzero(missing)[0][0])
-            raise ValueError(f"{self.path} has no reference log-prob for data row {idx[b]}; "
-                             "delete the file to recompute it")
+        missing = [int(i) for i in idx if int(i) not in self.logps]
+        if missing:
+            raise ValueError(f"{self.path} has no reference log-prob for data row "
+                             f"{missing[0]}; delete the file to recompute it")
+        ref = np.stack([self.logps[int(i)] for i in idx])
+        bad = np.isnan(ref) & (np.asarray(batch["valid"]) > 0)
+        if bad.any():
+            raise ValueError(f"{self.path}: data row {idx[np.nonzero(bad)[0][0]]} has a "
+                             "response the cache holds no log-prob for; delete the file")
         batch["ref_logps"] = np.nan_to_num(ref)
         return batch
 
@@ -271,16 +286,19 @@ def build(config, stage_dir: str) -> common.Stage:
     info = {"reference": ref_dir or "initial policy", "ref_logps": do.ref_logps}
     eval_transform = None
     if ref is not None and do.ref_logps == "cached":
+        # Only the rows this run visits (its train.steps batches, the held-out batches), each
+        # once: the same iterators, replayed.
         ref_fn = jax.jit(functools.partial(response_logps, ref[1], ref[0]))
-        bs = int(do.ref_batch_size or tc.batch_size)
+        plan_iter, plan_eval = common.data_iterators(config, train_ds, eval_ds,
+                                                     batch_size=int(tc.batch_size))
+        plans = {"train": (train_ds, (next(plan_iter) for _ in range(int(tc.steps))))}
+        if eval_ds is not None:
+            plans["eval"] = (eval_ds, plan_eval())
         caches = {}
-        for split, ds in (("train", train_ds), ("eval", eval_ds)):
-            if ds is None:
-                continue
+        for split, (ds, batches) in plans.items():
             fp = _fingerprint(ds, ref_dir or f"init seed {config.seed}", split)
-            caches[split] = RefCache.build(ds, os.path.join(stage_dir,
-                                                            REF_FILE.format(split=split)),
-                                           fp, ref_fn, bs, mesh, log)
+            caches[split] = RefCache.build(os.path.join(stage_dir, REF_FILE.format(split=split)),
+                                           fp, ref_fn, batches, mesh, log)
         ref = None   # the step reads batch["ref_logps"]; the reference weights are freed
         train_iter = JointIterator(train_iter, {}, _compose(caches["train"].add, pair_labels))
         if "eval" in caches:
