@@ -51,11 +51,12 @@ def test_cached_and_in_step_reference_give_the_same_run(tmp_path, stage_dirs):
     for x, y in zip(a, b):
         for k in ("loss", "accuracy", "reward_margin", "chosen_logratio", "grad_norm"):
             np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
-    # the policy starts at the reference: s = 0, loss log 2, accuracy ½ (ties count half)
+    # the policy starts at the reference: s = 0 (up to float noise between the cache's
+    # program and the eval's), loss log 2
     start = _rows(cached, "eval")[0]
     assert start["step"] == 0
     np.testing.assert_allclose(start["loss"], math.log(2), rtol=1e-6)
-    assert start["accuracy"] == 0.5 and start["chosen_logratio"] == 0.0
+    assert abs(start["chosen_logratio"]) < 1e-4 and abs(start["rejected_logratio"]) < 1e-4
     assert a[-1]["loss"] < math.log(2) and a[-1]["chosen_logratio"] != 0
     pa, pb = _state(cached)["params"], _state(step)["params"]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
@@ -231,3 +232,20 @@ def test_reward_model_labeller_ranks_by_score(stage_dirs):
         mask = np.array([[1] * len(s) + [0] * (t - len(s)) for s in seqs], np.int32)
         r = np.asarray(sequence_rewards(common.params_of(rm), nnx.graphdef(rm), tokens, mask))
         assert out["ranks"] == [int(np.sum(r > x)) for x in r]
+
+
+def test_eight_device_mesh_gives_the_same_losses(tmp_path, stage_dirs):
+    one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+    runner.run(_config(stage_dirs, steps=2), one)
+    c = _config(stage_dirs, steps=2)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+    runner.run(c, eight)
+    # (accuracy at step 1 is not compared: policy == reference, so s = 0 up to the float noise
+    # of two different programs and a tie's side is that noise)
+    for x, y in zip(_rows(one), _rows(eight)):
+        for k in ("loss", "grad_norm", "chosen_logratio", "reward_margin"):
+            np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
+    for x, y in zip(_rows(one, "eval"), _rows(eight, "eval")):
+        for k in ("loss", "accuracy", "chosen_logratio", "rejected_logratio"):
+            np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
+    assert len(_rows(eight)) == 2 and len(_rows(eight, "eval")) == 2

@@ -99,3 +99,32 @@ def test_greedy_generation_stops_at_end_of_turn(tok):
     n = int(res.lengths[0])
     assert bool(res.finished[0]) and int(res.response_tokens[0, n - 1]) in tok.stop_ids
     assert "4" in tok.decode(np.asarray(res.response_tokens[0, :n]))
+
+
+def test_dpo_response_logprobs_equal_transformers(tok, hh_rows):
+    """The DPO stage's per-response log-probs (its implicit reward before β and the reference)
+    on HH pairs rendered with the chat template equal transformers' on the same tokens."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from jaxrlhf.models import load_hf
+    from jaxrlhf.trainers.common import params_of
+    from jaxrlhf.trainers.dpo import response_logps
+    model = load_hf(SMOLLM2, head="lm")
+    hf = AutoModelForCausalLM.from_pretrained(SMOLLM2, torch_dtype=torch.float32).eval()
+    b = next(hh_rows.iterator(2, shuffle=False))
+    t = int(b["attention_mask"].sum(-1).max())
+    tokens, mask = b["tokens"][..., :t], b["attention_mask"][..., :t]
+    got, n = response_logps(params_of(model), nnx.graphdef(model), jnp.asarray(tokens),
+                            jnp.asarray(mask), jnp.asarray(b["prompt_len"]))
+    with torch.no_grad():
+        ids = torch.tensor(tokens.reshape(-1, t), dtype=torch.long)
+        logits = hf(input_ids=ids, attention_mask=torch.tensor(mask.reshape(-1, t))).logits
+        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    pos = np.arange(1, t)[None]
+    resp = (pos >= b["prompt_len"].reshape(-1, 1)) & (mask.reshape(-1, t)[:, 1:] > 0)
+    want = (lp.numpy() * resp).sum(-1).reshape(tokens.shape[:2])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-3)
+    np.testing.assert_array_equal(np.asarray(n), resp.sum(-1).reshape(tokens.shape[:2]))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -189,8 +190,8 @@ class RefCache:
                     logps = dict(zip(f["index"].tolist(), f["logps"]))
                 else:
                     log(f"[dpo] {path} is for other data or another reference; recomputing")
-        added = 0
-        for b in batches:
+        added, t0 = 0, time.time()
+        for n, b in enumerate(batches):
             g = common.to_global({key: b[key] for key in ("tokens", "attention_mask",
                                                           "prompt_len", "index", "valid")},
                                  mesh)
@@ -203,6 +204,9 @@ class RefCache:
                 if int(i) not in logps:
                     logps[int(i)] = np.where(v, row, np.nan).astype(np.float32)
                     added += 1
+            if time.time() - t0 > 30 and (n + 1) % 10 == 0:
+                log(f"[dpo] reference log-probs: {added} rows computed so far "
+                    f"({time.time() - t0:.0f} s)")
         if added and jax.process_index() == 0:
             keys = sorted(logps)
             tmp = path + ".tmp.npz"
