@@ -16,7 +16,8 @@ CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(R
 # Extra variants per config, run in addition to the default one.
 VARIANTS = {"sft": ["data=hh", "init_from={hf}"], "rm": ["data=hh", "init_from={hf}"],
             "ppo": ["data=hh,sft={sft},rm={rm}"], "grpo": ["task=arithmetic,model={chat_hf}"],
-            "dpo": ["data=hh,model={chat_hf}", "sft={sft},ranking=plackett_luce,ref=step"]}
+            "dpo": ["data=hh,model={chat_hf}", "sft={sft},ranking=plackett_luce,ref=step",
+                    "sft={sft},loss=simpo"]}
 # Configs whose default needs earlier stages get them from tiny random exports (the
 # session-wide `stage_dirs` fixture of conftest.py).
 DEFAULT_ARG = {"ppo": "sft={sft},rm={rm}", "rm_ensemble": "m=2", "dpo": "sft={sft}",
