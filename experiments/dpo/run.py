@@ -96,10 +96,10 @@ def run_seed(root, seed, steps):
         res[name] = dict(evaluate(d, sft_dir, d + "_eval", seed),
                          implicit_accuracy=s["eval_accuracy"], wall_s=w or s["wall_time_s"])
     ens = os.path.join(root, "ensemble")
-    noisy_data = [f"--config.data.synthetic.label_noise=0.25",
+    noisy_data = ["--config.data.synthetic.label_noise=0.25",
                   f"--config.data.synthetic.num_examples={NOISY_PROMPTS}",
                   f"--config.data.synthetic.seed={seed}"]
-    train(["--config", f"configs/rm_ensemble.py:k=2,m=4", f"--config.seed={seed}",
+    train(["--config", "configs/rm_ensemble.py:k=2,m=4", f"--config.seed={seed}",
            *noisy_data], ens, ens + ".log")
     strength = os.path.join(ens, "strength.jsonl")
     for name, (variant, needs) in NOISY.items():
