@@ -319,20 +319,10 @@ def run_trl(args, spec, threads, abort_s=None):
     known_prompts = {tuple(r) for r in spec["prompt_ids"]}
     prompts_match = []
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            marks.append((time.perf_counter(), time.process_time()))
-
-        def on_step_end(self, *a, **kw):
-            marks.append((time.perf_counter(), time.process_time()))
-            dt = marks[-1][0] - marks[-2][0]
-            if abort_s is not None and dt > abort_s:
-                raise bp._TooSlow(f"stopped after an iteration of {dt:.2f} s (> {abort_s:.2f} "
-                                  "s, 5x the fastest median of a previous thread count)")
-
     t_setup = time.perf_counter()
     trainer = GRPOTrainer(model=policy, reward_funcs=[trl_distinct_char_reward], args=config,
-                          train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+                          train_dataset=ds, processing_class=tok,
+                          callbacks=[bp.iteration_timer(TrainerCallback, marks, abort_s)])
     setup_s = time.perf_counter() - t_setup
     orig_generate = trainer._generate_single_turn
 

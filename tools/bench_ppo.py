@@ -412,6 +412,24 @@ class _TooSlow(Exception):
     pass
 
 
+
+def iteration_timer(callback_cls, marks: list, abort_s):
+    """A TrainerCallback (`callback_cls` is transformers' class, imported by the worker) that
+    appends (wall, CPU) seconds to `marks` at on_train_begin and every on_step_end, and raises
+    `_TooSlow` after an iteration longer than `abort_s` (None: never)."""
+    class Timer(callback_cls):
+        def on_train_begin(self, *a, **kw):
+            marks.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, *a, **kw):
+            marks.append((time.perf_counter(), time.process_time()))
+            dt = marks[-1][0] - marks[-2][0]
+            if abort_s is not None and dt > abort_s:
+                raise _TooSlow(f"stopped after an iteration of {dt:.2f} s (> {abort_s:.2f} s, "
+                               "5x the fastest median of a previous thread count)")
+
+    return Timer()
+
 def run_trl(args, hf_dirs, prompt_ids, out_dir, threads, abort_s=None):
     """One TRL PPOTrainer.train() run with `threads` torch threads (in the worker process).
     With `abort_s`, the run stops after the first iteration that takes longer (returns
@@ -471,21 +489,10 @@ def run_trl(args, hf_dirs, prompt_ids, out_dir, threads, abort_s=None):
         gc_calls.append((len(marks), time.perf_counter() - t0))
         return r
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            marks.append((time.perf_counter(), time.process_time()))
-
-        def on_step_end(self, *a, **kw):
-            marks.append((time.perf_counter(), time.process_time()))
-            dt = marks[-1][0] - marks[-2][0]
-            if abort_s is not None and dt > abort_s:
-                raise _TooSlow(f"stopped after an iteration of {dt:.2f} s (> {abort_s:.2f} s, "
-                               "5x the fastest median of a previous thread count)")
-
     t_setup = time.perf_counter()
     trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref,
                          reward_model=reward, train_dataset=ds, value_model=value,
-                         callbacks=[Timer()])
+                         callbacks=[iteration_timer(TrainerCallback, marks, abort_s)])
     setup_s = time.perf_counter() - t_setup
     trl_ppo.batch_generation = timed_batch_generation
     trl_ppo.gc = types.SimpleNamespace(collect=timed_collect)
