@@ -218,7 +218,8 @@ def test_reward_model_labeller_ranks_by_score(stage_dirs):
     c = load_config("dpo", f"sft={stage_dirs['sft']}")
     rows = [{"prompt": "sort: dcba", "responses": ["abcd", "dcba", "a", "abdc"]},
             {"prompt": "sort: ba", "responses": ["ab", "ba"]}]
-    ranked = pipeline._rm_ranks(stage_dirs["rm"], rows, c.data, load_tokenizer("byte"))
+    tok = load_tokenizer("byte")
+    ranked = pipeline._rm_ranks(stage_dirs["rm"], rows, build_dataset(c.data, tok), tok)
     from flax import nnx
     from jaxrlhf.models import load_hf
     from jaxrlhf.models.reward import sequence_rewards

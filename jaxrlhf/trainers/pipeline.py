@@ -80,11 +80,11 @@ def _sampling_prompts(data_block, r: int, n: int, tokenizer):
     return prompt_dataset(prompts, like, tokenizer), prompts
 
 
-def _rm_ranks(rm_dir: str, rows, like_block, tokenizer):
-    """Ranks (0 = best, equal scores tie) of each row's responses by a reward model's score."""
+def _rm_ranks(rm_dir: str, rows, like, tokenizer):
+    """Ranks (0 = best, equal scores tie) of each row's responses by a reward model's score;
+    the rows are tokenised with the options of the dataset `like` (the sampled prompts')."""
     from flax import nnx
 
-    from jaxrlhf.data import build_dataset
     from jaxrlhf.data.metarm import meta_dataset
     from jaxrlhf.models import load_hf
     from jaxrlhf.models.reward import sequence_rewards
@@ -92,11 +92,8 @@ def _rm_ranks(rm_dir: str, rows, like_block, tokenizer):
     model = load_hf(resolve_init_dir(rm_dir), head="score")
     score = jax.jit(lambda p, t, m: sequence_rewards(p, nnx.graphdef(model), t, m))
     params = nnx.to_pure_dict(nnx.state(model))
-    like = build_dataset(like_block, tokenizer) if like_block.path != "synthetic" else None
-    if like is None:
-        cfg = like_block.copy_and_resolve_references()
-        cfg.synthetic.num_examples = 1
-        like = build_dataset(cfg, tokenizer)
+    if not rows:
+        return []
     ds = meta_dataset(rows, like, tokenizer)
     out = {}
     for b in ds.iterator(32, shuffle=False, drop_remainder=False, num_epochs=1):
@@ -157,7 +154,7 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int, *, data_bl
                 prompts[index], texts, rng=rng, ended=[cands[t] for t in texts])]
         rows.append(row)
     if label_rm:
-        rows = _rm_ranks(label_rm, rows, data_block, tok)
+        rows = _rm_ranks(label_rm, rows, ds, tok)
     with open(out + ".tmp", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
