@@ -21,6 +21,11 @@ LARGE_VOCAB = 32768
 LOGITS_CHUNK = 128
 # ... with at most this many rows x positions per chunk ([LOGITS_CHUNK_ROWS, V] fp32 logits).
 LOGITS_CHUNK_ROWS = 1024
+# Projections a low-rank adapter can target: name -> (module, weight). "o" reads the
+# attention output [H, Dh]; "fc" / "proj" are the GELU MLP's (GPT-2).
+LORA_TARGETS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"),
+                "o": ("attn", "wo"), "gate": ("mlp", "w_gate"), "up": ("mlp", "w_up"),
+                "down": ("mlp", "w_down"), "fc": ("mlp", "w_fc"), "proj": ("mlp", "w_proj")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,10 @@ class ModelConfig:
             8 positions); else 0 (the README's real-model benchmarks measure the memory it
             saves).
         pad_token_id / eos_token_id / bos_token_id: ids written to the HF config on export.
+        lora_rank / lora_alpha / lora_targets: low-rank adapters (`jaxrlhf.models.lora`):
+            with lora_rank r > 0 every projection named in lora_targets (keys of
+            LORA_TARGETS) computes x W + (alpha / r) (x A) B, A [in, r], B [r, out] (B starts
+            at zero); 0 = no adapters.
     """
 
     family: str = "llama"
@@ -98,6 +107,9 @@ class ModelConfig:
     pad_token_id: Optional[int] = 256
     eos_token_id: Optional[int] = 258
     bos_token_id: Optional[int] = 257
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -116,8 +128,24 @@ class ModelConfig:
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
                                               "set head_dim explicitly.")
+        if isinstance(self.lora_targets, list):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank:
+            have = self.lora_target_names()
+            bad = [t for t in self.lora_targets if t not in have]
+            if bad or not self.lora_targets:
+                raise ValueError(f"lora targets {list(self.lora_targets)}: a {self.mlp} model "
+                                 f"has the projections {list(have)}.")
         if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static arg)
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+
+    def lora_target_names(self) -> tuple:
+        """The projections of this architecture an adapter can target."""
+        mlp = ("gate", "up", "down") if self.mlp == "swiglu" else ("fc", "proj")
+        return ("q", "k", "v", "o") + mlp
+
+    def lora_scale(self) -> float:
+        return float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def dim_per_head(self) -> int:

@@ -43,6 +43,45 @@ def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std: Optional[float
     return nnx.Param(value, axes=tuple(axes))
 
 
+def _add_adapters(module, cfg: ModelConfig, rngs: nnx.Rngs, prefix: str) -> None:
+    """Low-rank adapters lora_a_<t> [in..., r] and lora_b_<t> [r, out...] (float32) for each
+    target t of `cfg.lora_targets` whose weight `module` holds: A ~ U(±1/√in) and B = 0, so
+    the adapted projection equals the base one until B is trained."""
+    from jaxrlhf.models.config import LORA_TARGETS
+    for t in cfg.lora_targets if cfg.lora_rank else ():
+        mod, wname = LORA_TARGETS[t]
+        if mod != prefix:
+            continue
+        w = getattr(module, wname)
+        n_in = lora_in_dims(t)
+        shape, axes = w[...].shape, w.get_metadata()["axes"]
+        fan_in = math.prod(shape[:n_in])
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(rngs.params(), shape[:n_in] + (cfg.lora_rank,), jnp.float32,
+                               -bound, bound)
+        setattr(module, "lora_a_" + t, nnx.Param(a, axes=tuple(axes[:n_in]) + (None,)))
+        setattr(module, "lora_b_" + t, nnx.Param(
+            jnp.zeros((cfg.lora_rank,) + shape[n_in:], jnp.float32),
+            axes=(None,) + tuple(axes[n_in:])))
+
+
+def lora_in_dims(target: str) -> int:
+    """Leading weight dims that are the projection's input: 2 for "o" ([H, Dh, D]), else 1."""
+    return 2 if target == "o" else 1
+
+
+def _adapted(module, x, w, target: str):
+    """linear(x, w) plus the adapter of `target` when the module has one:
+    x W + (alpha / r) (x A) B, the scale applied to the rank-r activation."""
+    y = linear(x, w)
+    cfg = module.cfg
+    if not cfg.lora_rank or target not in cfg.lora_targets:
+        return y
+    a, b = getattr(module, "lora_a_" + target)[...], getattr(module, "lora_b_" + target)[...]
+    low = linear(x, a) * jnp.asarray(cfg.lora_scale(), x.dtype)
+    return y + linear(low, b)
+
+
 def _bcast(w, ndim: int):
     """Explicitly prepends unit dims so `w` broadcasts against an ndim-rank activation."""
     return w.reshape((1,) * (ndim - w.ndim) + w.shape)
@@ -201,6 +240,7 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
         if cfg.out_bias:
             self.bo = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+        _add_adapters(self, cfg, rngs, "attn")
 
     def qkv(self, x_BxTxD, positions_BxT, select=None):
         """Queries [B, T, H, Dh] and keys / values [B, T, K, Dh]; with `select` (see
@@ -210,11 +250,13 @@ class Attention(nnx.Module):
         # (One matmul over concatenated q/k/v weights was ~2-7% faster on 2 CPU cores but
         # changes float rounding between batch shapes, so the PPO scoring pass and the update
         # minibatches would no longer give bitwise-equal log-probs: ratio 1 exactly is kept.)
-        proj = lambda x, w: linear(x, w[...]).reshape(x.shape[:2] + (-1, cfg.dim_per_head))
+        proj = lambda x, w, t: _adapted(self, x, w[...], t).reshape(
+            x.shape[:2] + (-1, cfg.dim_per_head))
         x_q, q_pos = x_BxTxD, positions_BxT
         if select is not None:
             x_q, q_pos = select_rows(x_BxTxD, select), select_rows(positions_BxT, select)
-        q, k, v = proj(x_q, self.wq), proj(x_BxTxD, self.wk), proj(x_BxTxD, self.wv)
+        q = proj(x_q, self.wq, "q")
+        k, v = proj(x_BxTxD, self.wk, "k"), proj(x_BxTxD, self.wv, "v")
         if cfg.qkv_bias:
             q = q + _bcast(self.bq[...].astype(dt), 4)
             k = k + _bcast(self.bk[...].astype(dt), 4)
@@ -241,7 +283,7 @@ class Attention(nnx.Module):
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
         # One flat contraction (`linear` flattens wo to [H*Dh, D]): with two contracting dims
         # (h, e) XLA's CPU layout assignment transposed (copied) wo at every call instead.
-        out = linear(out, self.wo[...])
+        out = _adapted(self, out, self.wo[...], "o")
         if cfg.out_bias:
             out = out + _bcast(self.bo[...].astype(dt), 3)
         return out
@@ -268,12 +310,13 @@ class MLP(nnx.Module):
             if cfg.mlp_bias:
                 self.b_fc = _param(rngs, (f,), ("mlp",), cfg, init="zeros")
                 self.b_proj = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+        _add_adapters(self, cfg, rngs, "mlp")
 
     def __call__(self, x_BxTxD):
         cfg, dt = self.cfg, x_BxTxD.dtype
 
         def dense(x, name):  # x @ w_<name> (+ b_<name> when the config has MLP biases)
-            y = linear(x, getattr(self, "w_" + name)[...])
+            y = _adapted(self, x, getattr(self, "w_" + name)[...], name)
             if not cfg.mlp_bias:
                 return y
             return y + _bcast(getattr(self, "b_" + name)[...].astype(dt), y.ndim)
