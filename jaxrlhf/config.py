@@ -28,6 +28,8 @@ are an error):
                eval_data.on_bad_row follows data.on_bad_row)
   train        optimisation and the loop (`jaxrlhf.options.TrainOptions`: every field, its
                default and its meaning)
+  lora         low-rank adapters on a frozen base (`jaxrlhf.options.LoRAOptions`; rank 0 =
+               full fine-tuning): what is trained, checkpointed and exported
   mesh         device mesh axis sizes {data, fsdp, tensor}; one may be -1 (= the rest)
   distributed  call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is
                set in the environment)
@@ -49,8 +51,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.options import (DPOOptions, PPOOptions, RMOptions, SFTOptions, TrainOptions,
-                             config_block)
+from jaxrlhf.options import (DPOOptions, LoRAOptions, PPOOptions, RMOptions, SFTOptions,
+                             TrainOptions, config_block)
 
 STAGES = ("sft", "rm", "ppo", "pipeline", "rm_ensemble", "dpo")
 DATA_ROOT_ENV = "JAXRLHF_DATA_ROOT"
@@ -89,6 +91,8 @@ def _model_block() -> ml_collections.ConfigDict:
     m.preset = "tiny"
     hints = typing.get_type_hints(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
+        if f.name.startswith("lora_"):   # adapters are the `lora` block's
+            continue
         t = hints[f.name]
         base = {int: int, float: float, str: str, bool: bool}.get(t)
         if base is None:  # Optional[...] / tuples: accept any object
@@ -134,6 +138,7 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
         c.eval_fraction = 0.05
 
     c.train = config_block(TrainOptions)
+    c.lora = config_block(LoRAOptions)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = False
 

@@ -6,7 +6,7 @@ once, checked once with errors that name the field.
 
 `parse` rejects unknown fields, converts ints given for float fields, checks every type, then
 runs the class's `check()`; each error is one `ValueError` naming `<block>.<field>`. Blocks:
-`train` (every stage), `sft`, `rm` (the rm and rm_ensemble stages), `dpo`, `ppo`.
+`train` (every stage), `lora` (every stage), `sft`, `rm` (the rm and rm_ensemble stages), `dpo`, `ppo`.
 """
 from __future__ import annotations
 
@@ -133,6 +133,42 @@ class TrainOptions:
             _at_least(b, name, getattr(self, name), 0)
         _one_of(b, "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _in_range(b, "max_skipped_fraction", self.max_skipped_fraction, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAOptions:
+    """Low-rank adapters on a frozen base model (`config.lora`, every stage but rm_ensemble;
+    `jaxrlhf.models.lora`). rank 0 and no adapter = full fine-tuning."""
+
+    rank: int = 0                 # r of every adapter; 0 = off
+    alpha: float = 16.0           # the adapter output is scaled by alpha / r
+    targets: str = "all"          # comma-separated projections (q,k,v,o,gate,up,down; fc,proj
+                                  # for GPT-2) or "all"
+    base_dtype: str = ""          # "" keeps the loaded dtype; "bfloat16" stores the frozen base
+                                  # in bf16 (half its memory; compute stays in model.dtype)
+    adapter: str = ""             # a PEFT adapter directory to continue training from (its
+                                  # r, alpha and targets replace the three above)
+    export_adapter: bool = True   # besides the merged hf/ export, write <stage_dir>/adapter in
+                                  # PEFT's format (llama / qwen2 families)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or bool(self.adapter)
+
+    def target_list(self) -> tuple:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def check(self, b: str) -> None:
+        _at_least(b, "rank", self.rank, 0)
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            _fail(b, "alpha", f"must be > 0, got {self.alpha!r}")
+        _one_of(b, "base_dtype", self.base_dtype, ("", "float32", "bfloat16"))
+        from jaxrlhf.models.config import LORA_TARGETS
+        names = self.target_list()
+        bad = [t for t in names if t != "all" and t not in LORA_TARGETS]
+        if bad or not names or ("all" in names and len(names) > 1):
+            _fail(b, "targets", f"must be 'all' or a comma-separated subset of "
+                                f"{tuple(LORA_TARGETS)}, got {self.targets!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,11 @@ Train state: a plain dict pytree {"step", "params", "opt_state", "rng"} (PPO add
 it checkpoints with orbax as it is. `params` is the model's pure state dict
 (`nnx.to_pure_dict`); the jitted step rebuilds the module with `nnx.merge(graphdef, params)`.
 Randomness inside a step is `jax.random.fold_in(state["rng"], state["step"])`.
+
+With low-rank adapters (`config.lora`, `Trainable`), `params` holds only what is trained (the
+adapters, and a score head) and the frozen base weights are a separate argument of the jitted
+step (`compile_step(..., base=...)`), never donated, differentiated or checkpointed; the step
+rebuilds the full dict with `lora.join(base, params)` (`accumulate(..., base=base)`).
 """
 from __future__ import annotations
 
@@ -151,8 +156,13 @@ def build_model(config, head: str, mesh: Mesh, *, init_dir: str = "", seed: int 
 
 
 def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
-                       stage: str, extra: Optional[dict] = None) -> str:
+                       stage: str, extra: Optional[dict] = None,
+                       adapter_dir: Optional[str] = None, base_model: str = "") -> str:
     """save_hf + a jaxrlhf.json recording the tokenizer (and HF tokenizer files if any).
+
+    A model with adapters is written merged (W + (alpha / r) A B: a plain HF checkpoint);
+    with `adapter_dir` its adapters also go there in PEFT's format, for the HF model in
+    `base_model` (with the same jaxrlhf.json and tokenizer files).
 
     A reward model (score head) is exported with a pad token that never ends a real row
     (`hf_io.score_pad_id`; the saved tokenizer gets the same pad token), so transformers'
@@ -160,11 +170,13 @@ def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
     jaxrlhf scores. jaxrlhf.json then records `hf_pad_token_id` and `hf_score_offset` (the
     score bias HF cannot hold: HF logits + hf_score_offset = jaxrlhf's reward).
     """
-    from jaxrlhf.models import save_hf
+    from jaxrlhf.models import lora, save_hf
     from jaxrlhf.models.hf_io import score_pad_id
     if jax.process_count() > 1:  # gather the sharded params on every host (collective)
         graphdef, state = nnx.split(model)
         model = nnx.merge(graphdef, jax.tree.map(shd.host_array, state))
+    adapted = model
+    model = lora.merged(model)
     if jax.process_index() == 0:
         hf_tok = getattr(tokenizer, "hf", None)
         meta = {"stage": stage, "tokenizer": tokenizer_spec_,
@@ -190,7 +202,104 @@ def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
         meta.update(extra or {})
         with open(os.path.join(out_dir, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
+        if adapter_dir and adapted.cfg.lora_rank:
+            lora.save_peft(adapted, adapter_dir, base_model=base_model,
+                           extra=dict(meta, lora_merged_export=out_dir))
+            if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
+                hf_tok.save_pretrained(adapter_dir)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Low-rank adapters.
+
+def log_main(message: str) -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def lora_options(config):
+    """config.lora, checked (`jaxrlhf.options.LoRAOptions`)."""
+    from jaxrlhf.options import LoRAOptions
+    return parse(LoRAOptions, config.get("lora", {}), "lora")
+
+
+@dataclasses.dataclass
+class Trainable:
+    """What a stage trains. Without adapters: the whole model (`base` None). With adapters:
+    the model with adapters, `params` / `shardings` the adapters (and a score head), `base` /
+    `base_sh` the frozen rest."""
+
+    model: Any
+    graphdef: Any
+    params: Any
+    shardings: Any
+    base: Any = None
+    base_sh: Any = None
+    options: Any = None
+
+    def full(self, params):
+        """The full parameter dict of the model from its trainable part."""
+        from jaxrlhf.models import lora
+        return lora.join(self.base, params)
+
+    def merged_model(self, params):
+        """The trained model as a module (adapters still separate; `lora.merged` folds
+        them)."""
+        return nnx.merge(self.graphdef, self.full(params))
+
+    def base_graphdef(self):
+        """The graphdef of the base model (adapters off): `base` under it is the frozen
+        starting model, the reference of DPO and PPO."""
+        from jaxrlhf.models import lora
+        return lora.graphdef_of(lora.without_adapters(self.model.cfg), self.model.head)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.base is not None
+
+    def describe(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        if not self.is_lora:
+            return f"{n:,} trainable parameters (full fine-tuning)"
+        nb = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.base))
+        cfg = self.model.cfg
+        return (f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
+                f"{','.join(cfg.lora_targets)}: {n:,} trainable parameters, "
+                f"{nb:,} frozen ({100.0 * n / max(n + nb, 1):.2f}% trained)")
+
+
+def trainable(config, model, mesh: Mesh, *, seed: int = 0, rules=None,
+              options=None) -> Trainable:
+    """Applies `config.lora` to a built model: adapters added (or a PEFT adapter loaded), the
+    parameters split into trained and frozen, the frozen base optionally cast to bfloat16."""
+    from jaxrlhf.models import lora
+    lo = options if options is not None else lora_options(config)
+    if not lo.enabled:
+        return Trainable(model, nnx.graphdef(model), params_of(model),
+                         param_shardings(model, mesh, rules), options=lo)
+    if lo.adapter:
+        model = lora.load_peft(model, os.path.abspath(os.path.expanduser(lo.adapter)),
+                               mesh=mesh, rules=rules)
+    else:
+        model = lora.add_adapters(model, lo.rank, lo.alpha, lo.target_list(), seed=seed,
+                                  mesh=mesh, rules=rules)
+    params, base = lora.split(params_of(model))
+    sh, base_sh = lora.split(param_shardings(model, mesh, rules))
+    if lo.base_dtype:
+        dt = jnp.dtype(lo.base_dtype)
+        base = jax.tree.map(lambda x: x.astype(dt), base)
+        model = nnx.merge(nnx.graphdef(model), lora.join(base, params))
+    return Trainable(model, nnx.graphdef(model), params, sh, base, base_sh, options=lo)
+
+
+def lora_export_kw(tr: Trainable, stage_dir: str, base_model: str) -> dict:
+    """export_stage_model's adapter arguments for a stage's trained model."""
+    if (not tr.is_lora or not tr.options.export_adapter or not base_model
+            or tr.model.cfg.family == "gpt2"):   # PEFT needs an HF base; GPT-2: merged only
+        return {}
+    return {"adapter_dir": os.path.join(stage_dir, "adapter"), "base_model": base_model}
 
 
 # ------------------------------------------------------------------------------------------
@@ -293,13 +402,20 @@ def apply_update(state, grads, optimizer, schedule, loss, on_nonfinite: str, *,
     return new_state, metrics
 
 
-def accumulate(sum_fn: Callable, params, batch, n_micro: int):
+def accumulate(sum_fn: Callable, params, batch, n_micro: int, base=None):
     """Σ over micro-batches of (value_and_grad of `sum_fn`, aux sums), by `lax.scan`.
+
+    With `base` (the frozen part of the parameters, see `Trainable`) the gradient is taken
+    with respect to `params` only and `sum_fn` receives `lora.join(base, params)`.
 
     `sum_fn(params, micro_batch) -> (loss_contribution, aux_dict)`; contributions are already
     normalised by the WHOLE batch's count, so their sum equals the full-batch loss exactly
     whatever `n_micro` (gradient-accumulation invariance).
     """
+    if base is not None:
+        from jaxrlhf.models import lora
+        inner = sum_fn
+        sum_fn = lambda p, mb: inner(lora.join(base, p), mb)
     vg = jax.value_and_grad(sum_fn, has_aux=True)
     if n_micro == 1:
         (loss, aux), grads = vg(params, batch)
@@ -324,11 +440,20 @@ def accumulate(sum_fn: Callable, params, batch, n_micro: int):
     return loss, aux, grads
 
 
-def compile_step(step_fn: Callable, state_sh, batch_sh=None, *, donate: bool = True):
+def compile_step(step_fn: Callable, state_sh, batch_sh=None, *, donate: bool = True,
+                 base=None, base_sh=None):
     """jit with explicit in/out shardings; the state is donated (never frozen models).
-    `batch_sh=None` takes the batch's own sharding (see `to_global`)."""
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, None), donate_argnums=(0,) if donate else ())
+    `batch_sh=None` takes the batch's own sharding (see `to_global`). With `base` (frozen
+    parameters, `Trainable.base`) the step is `step_fn(state, batch, base=base)`, base passed
+    to every call as an argument (not a constant of the program) and never donated."""
+    donate_argnums = (0,) if donate else ()
+    if base is None:
+        return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, None), donate_argnums=donate_argnums)
+    jitted = jax.jit(lambda state, batch, b: step_fn(state, batch, base=b),
+                     in_shardings=(state_sh, batch_sh, base_sh),
+                     out_shardings=(state_sh, None), donate_argnums=donate_argnums)
+    return lambda state, batch: jitted(state, batch, base)
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=None):

@@ -110,9 +110,10 @@ METRIC_KEYS = ("accuracy", "reward_margin", "chosen_logps", "rejected_logps",
 
 
 def train_step(state, batch, ref_params=None, *, graphdef, ref_graphdef=None, optimizer,
-               schedule, grad_accum: int, on_nonfinite: str, loss_kw):
+               schedule, grad_accum: int, on_nonfinite: str, loss_kw, base=None):
     """step(state, batch[, ref_params]) -> (state, metrics): one AdamW step on the DPO loss;
-    every micro-batch's loss and metrics count by its prompts over the whole batch's."""
+    every micro-batch's loss and metrics count by its prompts over the whole batch's. With
+    `base` (frozen weights under LoRA) only the adapters in state["params"] are trained."""
     ref = (ref_graphdef, ref_params) if ref_params is not None else None
     total = jnp.maximum(num_prompts_with_pairs(batch, loss_kw["tie_mode"]), 1.0)
 
@@ -123,13 +124,15 @@ def train_step(state, batch, ref_params=None, *, graphdef, ref_graphdef=None, op
         aux["num_pairs"] = m["num_pairs"]
         return loss * w, aux
 
-    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
+    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum,
+                                         base=base)
     state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, on_nonfinite)
     metrics.update(loss=loss, **aux)
     return state, metrics
 
 
-def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, ref=None, transform=None):
+def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, ref=None, transform=None,
+                 full=lambda p: p):
     """Held-out metrics (each batch weighted by its prompts with pairs)."""
     @jax.jit
     def sums(params, ref_params, batch):
@@ -144,7 +147,7 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, ref=None, transform=None
         for b in eval_batches():
             if transform is not None:
                 b = transform(b)
-            out = jax.device_get(sums(state["params"], ref[1] if ref is not None else None,
+            out = jax.device_get(sums(full(state["params"]), ref[1] if ref is not None else None,
                                       common.to_global(b, mesh)))
             for k, v in out.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
@@ -266,24 +269,27 @@ def build(config, stage_dir: str) -> common.Stage:
     tc = common.train_options(config)
     train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
                                                      batch_size=int(tc.batch_size))
-    graphdef = nnx.graphdef(model)
-    params = common.params_of(model)
-    params_sh = common.param_shardings(model, mesh)
+    tr = common.trainable(config, model, mesh, seed=int(config.seed))
+    log(f"[dpo] {tr.describe()}")
+    graphdef = tr.graphdef
     optimizer, schedule = common.make_optimizer(tc)
-    state, state_sh = common.init_train_state(params, optimizer, params_sh, mesh,
+    state, state_sh = common.init_train_state(tr.params, optimizer, tr.shardings, mesh,
                                               int(config.seed))
     loss_kw = loss_kw_of(do)
 
-    # The frozen reference: the starting policy itself (a copy: the state is donated), or
-    # dpo.ref_init. Without a reference (SimPO) nothing is loaded.
+    # The frozen reference: the starting policy itself (a copy: the state is donated; with
+    # adapters the frozen base under the graph without adapters, no copy), or dpo.ref_init.
+    # Without a reference (SimPO) nothing is loaded.
     ref = None
     if not do.reference_free:
         if ref_dir and ref_dir != init_dir:
             ref_model = common.build_model(config, "lm", mesh, init_dir=ref_dir)
             ref = (nnx.graphdef(ref_model), common.params_of(ref_model))
             del ref_model
+        elif tr.is_lora:
+            ref = (tr.base_graphdef(), tr.base)
         else:
-            ref = (graphdef, jax.tree.map(jnp.copy, params))
+            ref = (graphdef, jax.tree.map(jnp.copy, tr.params))
     del model
 
     pair_labels, moss = strength_pair_labels(do, train_ds)
@@ -314,24 +320,28 @@ def build(config, stage_dir: str) -> common.Stage:
                            schedule=schedule, grad_accum=int(tc.grad_accum),
                            on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw)
     if ref is None:
-        step = common.compile_step(fn, state_sh)
-    else:
+        step = common.compile_step(fn, state_sh, base=tr.base, base_sh=tr.base_sh)
+    else:   # the frozen arguments: the reference's params and the policy's frozen base
         ref_graphdef, ref_params = ref
-        ref_sh = jax.tree.map(lambda x: x.sharding, ref_params)
-        jitted = jax.jit(functools.partial(fn, ref_graphdef=ref_graphdef),
-                         in_shardings=(state_sh, None, ref_sh), out_shardings=(state_sh, None),
-                         donate_argnums=(0,))
-        step = lambda s, b: jitted(s, b, ref_params)
+        frozen = {"ref": ref_params, "base": tr.base}
+        step = common.compile_step(
+            lambda s, b, base: fn(s, b, base["ref"], ref_graphdef=ref_graphdef,
+                                  base=base["base"]),
+            state_sh, base=frozen, base_sh=jax.tree.map(lambda x: x.sharding, frozen))
 
     def finish(result):
-        policy = nnx.merge(graphdef, result.state["params"])
+        policy = tr.merged_model(result.state["params"])
         if do.export_hf:
             common.export_stage_model(policy, os.path.join(stage_dir, "hf"),
                                       tokenizer=tokenizer, tokenizer_spec_=tok_spec,
-                                      stage="dpo", extra={"dpo": loss_kw})
+                                      stage="dpo", extra={"dpo": loss_kw},
+                                      **common.lora_export_kw(tr, stage_dir, init_dir))
         summary = {"stage": "dpo", "steps": int(tc.steps), **common.loop_summary(result),
                    **loss_kw, **info,
-                   "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+                   "num_params": int(sum(x.size for x in jax.tree.leaves(
+                       tr.full(result.state["params"])))),
+                   "trainable_params": int(sum(x.size for x in jax.tree.leaves(
+                       result.state["params"]))),
                    "data_rejected": train_ds.report.n_rejected,
                    **({"moss": moss} if moss else {})}
         if is_main:
@@ -342,7 +352,7 @@ def build(config, stage_dir: str) -> common.Stage:
         return summary, policy
 
     evaluate = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw, ref=ref,
-                             transform=eval_transform)
+                             transform=eval_transform, full=tr.full)
                 if eval_ds is not None else None)
     return common.Stage(name="dpo", state=state, state_sh=state_sh, step=step,
                         batches=train_iter, total_steps=int(tc.steps), mesh=mesh,

@@ -284,12 +284,26 @@ def build(config, stage_dir: str) -> common.Stage:
 
     # Trainable params: actor (a separate buffer from the frozen reference, which is never
     # donated) and critic (a separate model from critic_init, or a value head on the trunk).
-    if ref_dir == actor_dir:
+    # With adapters (config.lora) only the adapters (and the critic's score head) are trained:
+    # the reference is the actor's frozen base under the graph without adapters (one copy of
+    # the weights), and a critic from the reward model shares the reward model's trunk.
+    lo = common.lora_options(config)
+    if ref_dir != actor_dir:
+        actor_model = _load_frozen(actor_dir, "lm", mesh, config.model)[2]
+    actor_tr = common.trainable(config, actor_model, mesh, seed=int(config.seed), options=lo)
+    base = None
+    if actor_tr.is_lora:
+        actor_params = actor_tr.params
+        base = {"actor": actor_tr.base}
+        if ref_dir == actor_dir:
+            ref_params = actor_tr.base
+        common.log_main(f"[ppo] actor: {actor_tr.describe()}")
+    elif ref_dir == actor_dir:
         actor_params = jax.tree.map(jnp.copy, ref_params)
     else:
-        _, actor_params, _ = _load_frozen(actor_dir, "lm", mesh, config.model)
-    graphdefs = {"actor": ref_gd, "ref": ref_gd}
-    params_sh = {"actor": common.param_shardings(actor_model, mesh)}
+        actor_params = actor_tr.params
+    graphdefs = {"actor": actor_tr.graphdef, "ref": ref_gd}
+    params_sh = {"actor": actor_tr.shardings}
     rep = NamedSharding(mesh, P())
     params = {"actor": actor_params}
     if critic == "shared":
@@ -298,13 +312,23 @@ def build(config, stage_dir: str) -> common.Stage:
                          "b": jax.device_put(jnp.zeros((), jnp.float32), rep)}
         params_sh["critic"] = {"w": rep, "b": rep}
     elif critic == "separate":
-        cgd, critic_params, critic_model = _load_frozen(critic_dir, "score", mesh, config.model)
-        critic_params = jax.tree.map(jnp.copy, critic_params)
-        graphdefs["critic"] = cgd
-        params_sh["critic"] = common.param_shardings(critic_model, mesh)
+        if lo.enabled and critic_dir == reward_dir and not ensemble:
+            critic_model = rm_model   # adapters on the reward model's own (frozen) trunk
+        else:
+            critic_model = _load_frozen(critic_dir, "score", mesh, config.model)[2]
+        critic_tr = common.trainable(config, critic_model, mesh, seed=int(config.seed) + 1,
+                                     options=dataclasses.replace(lo, adapter=""))
+        # A copy: the state is donated and the score head may be the reward model's arrays.
+        critic_params = jax.tree.map(jnp.copy, critic_tr.params)
+        graphdefs["critic"] = critic_tr.graphdef
+        params_sh["critic"] = critic_tr.shardings
+        if critic_tr.is_lora:
+            base["critic"] = critic_tr.base
+            common.log_main(f"[ppo] critic: {critic_tr.describe()}")
     if critic != "none":
         params["critic"] = critic_params
-    frozen = {"ref": ref_params, "reward": rm_params}
+    frozen = {"ref": ref_params, "reward": rm_params, "base": base}
+    actor_full = lambda p: actor_tr.full(p["actor"])   # the actor's full params from state's
 
     rows = pc.rows   # rollout rows per iteration: prompts x samples_per_prompt
     n_mb = rows // pc.minibatch_size
@@ -341,7 +365,8 @@ def build(config, stage_dir: str) -> common.Stage:
     update_fn = jax.jit(
         functools.partial(update_step, graphdefs=graphdefs, optimizer=optimizer,
                           schedule=schedule, opts=opts, grad_accum=int(pc.grad_accum)),
-        in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+        in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
+        donate_argnums=(0,))
     kl_update = jax.jit(obj.kl_controller_update)
     fused_fn = None
     if bool(pc.fused_first_update) and n_mb == 1 and int(pc.grad_accum) == 1:
@@ -369,7 +394,7 @@ def build(config, stage_dir: str) -> common.Stage:
                               k_samples)
         tg = time.time()
         # (graphdef, params) rather than a merged module: generate would split it again.
-        rollout = ro.sample((graphdefs["actor"], state["params"]["actor"]),
+        rollout = ro.sample((graphdefs["actor"], actor_full(state["params"])),
                             g["prompt_tokens"], g["prompt_mask"], jax.random.fold_in(it_rng, 0),
                             opts["sampling"], eos_id=tokenizer.stop_ids,
                             pad_id=tokenizer.pad_id, k=k_samples, mesh=mesh)
@@ -402,7 +427,7 @@ def build(config, stage_dir: str) -> common.Stage:
                 idx = perm[j * pc.minibatch_size:(j + 1) * pc.minibatch_size]
                 mb = {key: v[idx] for key, v in exp.items()}
                 mb.update(ptx_mbs[len(updates)] or {})
-                state, um = update_fn(state, mb)
+                state, um = update_fn(state, mb, base)
                 updates.append(um)
         new_kl = kl_update(state["kl_ctl"], m_exp["kl"], jnp.float32(rows))
         state = dict(state, step=state["step"] + 1, kl_ctl=new_kl)
@@ -442,9 +467,10 @@ def build(config, stage_dir: str) -> common.Stage:
         return m
 
     def finish(result):
-        actor = nnx.merge(graphdefs["actor"], result.state["params"]["actor"])
+        actor = nnx.merge(graphdefs["actor"], actor_full(result.state["params"]))
         common.export_stage_model(actor, os.path.join(stage_dir, "hf"), tokenizer=tokenizer,
-                                  tokenizer_spec_=tok_spec, stage="ppo")
+                                  tokenizer_spec_=tok_spec, stage="ppo",
+                                  **common.lora_export_kw(actor_tr, stage_dir, actor_dir))
         rows = (read_metrics(stage_dir)
                 if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")) else [])
         first = rows[0] if rows else {}
@@ -463,7 +489,7 @@ def build(config, stage_dir: str) -> common.Stage:
                         title=pc.advantage_estimator.upper() if pc.critic_free else "PPO")
         return summary, actor
 
-    evaluate = ((lambda s: policy_eval(s["params"]["actor"], frozen))
+    evaluate = ((lambda s: policy_eval(actor_full(s["params"]), frozen))
                 if policy_eval.active else None)
     return common.Stage(name="ppo", state=state, state_sh=state_sh, step=iteration,
                         batches=batches, total_steps=int(pc.iterations), mesh=mesh,

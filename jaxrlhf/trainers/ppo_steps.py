@@ -26,6 +26,7 @@ from flax import nnx
 from jaxrlhf import objectives as obj
 from jaxrlhf import rollout as ro
 from jaxrlhf.generation import sampling_logprobs
+from jaxrlhf.models import lora
 from jaxrlhf.trainers import common
 
 
@@ -147,8 +148,9 @@ def shape_experience(state, rollout, outputs, ref_logp, raw_score, *, opts):
 
 def make_experience(state, frozen, rollout, *, graphdefs, opts):
     """The scoring pass + reward shaping + GAE: returns (experience, metrics, reward_stats)."""
-    outputs = policy_outputs(state["params"], rollout["tokens"], rollout["mask"],
-                             rollout["response_tokens"], graphdefs=graphdefs, opts=opts)
+    outputs = policy_outputs(lora.join(frozen.get("base"), state["params"]), rollout["tokens"],
+                             rollout["mask"], rollout["response_tokens"], graphdefs=graphdefs,
+                             opts=opts)
     ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts)
     return shape_experience(state, rollout, outputs, ref_logp, raw_score, opts=opts)
 
@@ -194,8 +196,11 @@ def _ptx_denoms(batch):
     return obj.aggregation_denominators(batch["ptx_loss_mask"][:, 1:] > 0)
 
 
-def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accum: int):
-    """One PPO(-ptx) update on a minibatch of experience (and a ptx batch): (state, metrics)."""
+def update_step(state, batch, base=None, *, graphdefs, optimizer, schedule, opts,
+                grad_accum: int):
+    """One PPO(-ptx) update on a minibatch of experience (and a ptx batch): (state, metrics).
+    `base`: the frozen weights of the actor / critic under LoRA ({"actor", "critic"} or
+    None)."""
     denoms = obj.aggregation_denominators(batch["response_mask"] > 0)
     use_ptx = opts["ptx_coef"] > 0
     if use_ptx:
@@ -212,8 +217,10 @@ def update_step(state, batch, *, graphdefs, optimizer, schedule, opts, grad_accu
             aux["ptx_loss"] = pl
         return total, aux
 
-    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
-    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, opts["on_nonfinite"],
+    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum,
+                                         base=base)
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss,
+                                         opts["on_nonfinite"],
                                          counter="updates")  # "step" counts iterations
     if grad_accum > 1:  # per-micro-batch means of the diagnostics -> their average
         for k in ("approx_kl", "clipfrac", "ratio_mean", "vf_clipfrac", "explained_variance"):
@@ -240,7 +247,8 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
     so results agree to float rounding. Returns (state, experience, experience metrics,
     update metrics); the state carries the new reward statistics.
     """
-    fwd = lambda p: policy_outputs(p, rollout["tokens"], rollout["mask"],
+    base = frozen.get("base")
+    fwd = lambda p: policy_outputs(lora.join(base, p), rollout["tokens"], rollout["mask"],
                                    rollout["response_tokens"], graphdefs=graphdefs, opts=opts)
     outputs, pullback = jax.vjp(fwd, state["params"])
     ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts)
@@ -251,15 +259,17 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
         lambda o: ppo_losses(o, exp, denoms, opts), has_aux=True)(outputs)
     (grads,) = pullback(cotangents)
     if ptx_batch is not None:
+        actor_base = base["actor"] if base is not None else None
         pl, g_ptx = jax.value_and_grad(
-            lambda a: ptx_term(a, ptx_batch, graphdefs=graphdefs, opts=opts,
-                               denoms=_ptx_denoms(ptx_batch)))(state["params"]["actor"])
+            lambda a: ptx_term(lora.join(actor_base, a), ptx_batch, graphdefs=graphdefs,
+                               opts=opts, denoms=_ptx_denoms(ptx_batch)))(
+                                   state["params"]["actor"])
         grads = dict(grads, actor=jax.tree.map(lambda g, h: g + opts["ptx_coef"] * h,
                                                grads["actor"], g_ptx))
         loss = loss + opts["ptx_coef"] * pl
         aux["ptx_loss"] = pl
-    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, opts["on_nonfinite"],
-                                         counter="updates")
+    state, metrics = common.apply_update(state, grads, optimizer, schedule, loss,
+                                         opts["on_nonfinite"], counter="updates")
     metrics.update(loss=loss, **aux)
     return dict(state, reward_stats=stats), exp, m_exp, metrics
 

@@ -147,21 +147,23 @@ def build(config, stage_dir: str) -> common.Stage:
                    label_smoothing=float(rc.label_smoothing),
                    center_coef=float(rc.center_loss_coef))
 
-    graphdef = nnx.graphdef(model)
-    params = common.params_of(model)
+    tr = common.trainable(config, model, mesh, seed=int(config.seed))
+    del model
+    common.log_main(f"[rm] {tr.describe()}")
+    graphdef = tr.graphdef
     optimizer, schedule = common.make_optimizer(tc)
-    state, state_sh = common.init_train_state(params, optimizer,
-                                              common.param_shardings(model, mesh), mesh,
+    state, state_sh = common.init_train_state(tr.params, optimizer, tr.shardings, mesh,
                                               int(config.seed))
     train_iter, step_kw, moss = moss_options(config, rc, train_ds, tokenizer, mesh, stage_dir,
                                              train_iter)
     step = common.compile_step(
         functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
                           schedule=schedule, grad_accum=int(tc.grad_accum),
-                          on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw, **step_kw), state_sh)
+                          on_nonfinite=tc.on_nonfinite, loss_kw=loss_kw, **step_kw), state_sh,
+        base=tr.base, base_sh=tr.base_sh)
 
     def finish(result):
-        params = result.state["params"]
+        params = tr.full(result.state["params"])
         bias_shift, n_centre = 0.0, 0
         if rc.center_on_sft:
             bias_shift, n_centre = centring_mean(config, params, graphdef, tokenizer, train_ds,
@@ -171,10 +173,13 @@ def build(config, stage_dir: str) -> common.Stage:
         if rc.export_hf:
             common.export_stage_model(model, os.path.join(stage_dir, "hf"),
                                       tokenizer=tokenizer, tokenizer_spec_=tok_spec,
-                                      stage="rm", extra={"reward_centring_shift": bias_shift})
+                                      stage="rm", extra={"reward_centring_shift": bias_shift},
+                                      **common.lora_export_kw(tr, stage_dir, init_dir))
         summary = {"stage": "rm", "steps": int(tc.steps), **common.loop_summary(result),
                    "centring_shift": bias_shift, "centring_examples": n_centre,
                    "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+                   "trainable_params": int(sum(x.size for x in jax.tree.leaves(
+                       result.state["params"]))),
                    "data_rejected": train_ds.report.n_rejected,
                    **({"moss": moss} if moss is not None else {})}
         if jax.process_index() == 0:
@@ -183,7 +188,7 @@ def build(config, stage_dir: str) -> common.Stage:
                         title="Reward model")
         return summary, model
 
-    evaluate = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw)
+    evaluate = (make_eval_fn(graphdef, eval_batches, mesh, loss_kw, tr.full)
                 if eval_ds is not None else None)
     return common.Stage(name="rm", state=state, state_sh=state_sh, step=step,
                         batches=train_iter, total_steps=int(tc.steps), mesh=mesh,

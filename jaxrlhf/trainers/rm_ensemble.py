@@ -228,6 +228,10 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, m_count: int):
 def build(config, stage_dir: str) -> common.Stage:
     """M reward models in one vmapped step; `finish` exports each to stage_dir/member_<m>/hf
     and writes the preference strength of the training pairs."""
+    if common.lora_options(config).enabled:
+        raise ValueError("lora.rank / lora.adapter: the rm_ensemble stage trains full models "
+                         "(each member its own weights); set lora.rank=0 or train the members "
+                         "as separate rm stages with adapters.")
     mesh = common.mesh_from_config(config)
     tc, rc = common.train_options(config), parse(RMOptions, config.rm, "rm")
     m_count = int(rc.ensemble_size)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxrlhf import objectives as obj
 from jaxrlhf import sharding as shd
 from jaxrlhf.data import build_dataset, ranked_pairs
+from jaxrlhf.models import lora
 from jaxrlhf.models.reward import last_hidden_and_rewards, sequence_rewards
 from jaxrlhf.trainers import common
 
@@ -86,11 +87,12 @@ def num_prompts_with_pairs(batch, tie_mode: str):
 
 def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
                on_nonfinite: str, loss_kw, contrastive: Optional[Mapping[str, float]] = None,
-               meta: Optional[Mapping[str, Any]] = None):
+               meta: Optional[Mapping[str, Any]] = None, base=None):
     """step(state, batch) -> (state, metrics): the K-wise ranking loss (+ the contrastive
     term with `contrastive` = {contrastive_coef, contrastive_temperature,
     contrastive_dropout}), or the MetaRM update with `meta` = {"lr": η, "first_order": bool}
-    (the meta batch under the batch's meta_* keys)."""
+    (the meta batch under the batch's meta_* keys). With `base` (frozen weights under LoRA)
+    only state["params"] (adapters and score head) is differentiated and adapted."""
     contrastive = dict(contrastive or {})
     coef = float(contrastive.get("contrastive_coef", 0.0))
     moss = bool(coef) or meta is not None
@@ -115,17 +117,19 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
 
     params = state["params"]
     if meta is None:
-        loss, aux, grads = common.accumulate(contribution, params, main, grad_accum)
+        loss, aux, grads = common.accumulate(contribution, params, main, grad_accum, base=base)
     else:
         meta_batch = {k[len(META) + 1:]: v for k, v in batch.items()
                       if k.startswith(META + "_")}
         j_of = lambda p: obj.difference_loss(
-            sequence_rewards(p, graphdef, meta_batch["tokens"], meta_batch["attention_mask"]),
+            sequence_rewards(lora.join(base, p), graphdef, meta_batch["tokens"],
+                             meta_batch["attention_mask"]),
             meta_batch["valid"])
         adapted, pullback, j = jax.vjp(
             lambda p: obj.adapted_params(j_of, p, meta["lr"], first_order=meta["first_order"]),
             params, has_aux=True)
-        loss, aux, g_adapted = common.accumulate(contribution, adapted, main, grad_accum)
+        loss, aux, g_adapted = common.accumulate(contribution, adapted, main, grad_accum,
+                                                 base=base)
         (grads,) = pullback(g_adapted)
         aux["meta_difference_loss"] = j
     state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, on_nonfinite)
@@ -133,7 +137,7 @@ def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
     return state, metrics
 
 
-def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
+def make_eval_fn(graphdef, eval_batches, mesh, loss_kw, full=lambda p: p):
     @jax.jit
     def sums(params, batch):
         loss, m = ranking_loss(params, graphdef, batch, **loss_kw)
@@ -145,7 +149,7 @@ def make_eval_fn(graphdef, eval_batches, mesh, loss_kw):
     def evaluate(state):
         acc = {}
         for b in eval_batches():
-            out = jax.device_get(sums(state["params"], common.to_global(b, mesh)))  # scalars
+            out = jax.device_get(sums(full(state["params"]), common.to_global(b, mesh)))
             for k, v in out.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
         n = acc.get("num_prompts", 0.0)

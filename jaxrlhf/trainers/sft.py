@@ -34,27 +34,29 @@ def nll_sums(params, graphdef, batch):
 
 
 def train_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int,
-               on_nonfinite: str):
-    """step(state, batch) -> (state, metrics): one AdamW step on the masked LM loss."""
+               on_nonfinite: str, base=None):
+    """step(state, batch) -> (state, metrics): one AdamW step on the masked LM loss (of the
+    adapters only, with `base` the frozen rest of the parameters)."""
     num_tokens = jnp.maximum(jnp.sum((batch["loss_mask"][:, 1:] > 0).astype(jnp.float32)), 1.0)
 
     def contribution(params, mb):
         nll, n = nll_sums(params, graphdef, mb)
         return nll / num_tokens, {"tokens": n}
 
-    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum)
+    loss, aux, grads = common.accumulate(contribution, state["params"], batch, grad_accum,
+                                         base=base)
     state, metrics = common.apply_update(state, grads, optimizer, schedule, loss, on_nonfinite)
     metrics.update(loss=loss, tokens=aux["tokens"])
     return state, metrics
 
 
-def make_eval_fn(graphdef, eval_batches, mesh):
+def make_eval_fn(graphdef, eval_batches, mesh, full=lambda p: p):
     sums = jax.jit(functools.partial(nll_sums, graphdef=graphdef))
 
     def evaluate(state):
         tot, n = 0.0, 0.0
         for b in eval_batches():
-            s, c = sums(state["params"], batch=common.to_global(b, mesh))
+            s, c = sums(full(state["params"]), batch=common.to_global(b, mesh))
             tot, n = tot + float(s), n + float(c)
         if n == 0:
             return {}
@@ -76,26 +78,31 @@ def build(config, stage_dir: str) -> common.Stage:
     tc, so = common.train_options(config), parse(SFTOptions, config.sft, "sft")
     train_iter, eval_batches = common.data_iterators(config, train_ds, eval_ds,
                                                      batch_size=int(tc.batch_size))
-    graphdef = nnx.graphdef(model)
-    params = common.params_of(model)
+    tr = common.trainable(config, model, mesh, seed=int(config.seed))
+    del model
+    common.log_main(f"[sft] {tr.describe()}")
+    graphdef = tr.graphdef
     optimizer, schedule = common.make_optimizer(tc)
-    state, state_sh = common.init_train_state(params, optimizer,
-                                              common.param_shardings(model, mesh), mesh,
+    state, state_sh = common.init_train_state(tr.params, optimizer, tr.shardings, mesh,
                                               int(config.seed))
     step = common.compile_step(
         functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
                           schedule=schedule, grad_accum=int(tc.grad_accum),
                           on_nonfinite=tc.on_nonfinite),
-        state_sh, None)
+        state_sh, None, base=tr.base, base_sh=tr.base_sh)
 
     def finish(result):
-        model = nnx.merge(graphdef, result.state["params"])
+        model = tr.merged_model(result.state["params"])
         if so.export_hf:
             common.export_stage_model(model, os.path.join(stage_dir, "hf"),
                                       tokenizer=tokenizer, tokenizer_spec_=tok_spec,
-                                      stage="sft")
+                                      stage="sft", **common.lora_export_kw(tr, stage_dir,
+                                                                           init_dir))
         summary = {"stage": "sft", "steps": int(tc.steps), **common.loop_summary(result),
-                   "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+                   "num_params": int(sum(x.size for x in jax.tree.leaves(
+                       tr.full(result.state["params"])))),
+                   "trainable_params": int(sum(x.size for x in jax.tree.leaves(
+                       result.state["params"]))),
                    "data_rejected": train_ds.report.n_rejected}
         if jax.process_index() == 0:
             write_summary(stage_dir, summary)
@@ -105,7 +112,8 @@ def build(config, stage_dir: str) -> common.Stage:
     return common.Stage(
         name="sft", state=state, state_sh=state_sh, step=step, batches=train_iter,
         total_steps=int(tc.steps), mesh=mesh, finish=finish,
-        evaluate=make_eval_fn(graphdef, eval_batches, mesh) if eval_ds is not None else None)
+        evaluate=(make_eval_fn(graphdef, eval_batches, mesh, tr.full)
+                  if eval_ds is not None else None))
 
 
 def run(config, stage_dir: str):
