@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer_utils import load_config, read_jsonl, run_preempted, shrink
+from trainer_utils import (checkpoint_state, load_config, metric_rows, read_jsonl, run_preempted,
+                          shrink)
 
 from jaxrlhf import objectives as obj
-from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data import build_dataset, load_tokenizer
 from jaxrlhf.options import DPOOptions, parse
 from jaxrlhf.trainers import common, dpo, runner
@@ -27,16 +27,6 @@ def _config(stage_dirs, arg="", steps=4, **opts):
     return c
 
 
-def _rows(stage_dir, split="train"):
-    return [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
-            if r.get("split", "train") == split]
-
-
-def _state(stage_dir):
-    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
-    state, _ = ckpt.restore_raw()
-    ckpt.close()
-    return jax.tree.map(np.asarray, state)
 
 
 def test_cached_and_in_step_reference_give_the_same_run(tmp_path, stage_dirs):
@@ -46,19 +36,19 @@ def test_cached_and_in_step_reference_give_the_same_run(tmp_path, stage_dirs):
     assert os.path.exists(os.path.join(cached, "ref_logps_train.npz"))
     assert os.path.exists(os.path.join(cached, "ref_logps_eval.npz"))
     assert not any(f.startswith("ref_logps") for f in os.listdir(step))
-    a, b = _rows(cached), _rows(step)
+    a, b = metric_rows(cached), metric_rows(step)
     assert len(a) == 4
     for x, y in zip(a, b):
         for k in ("loss", "accuracy", "reward_margin", "chosen_logratio", "grad_norm"):
             np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
     # the policy starts at the reference: s = 0 (up to float noise between the cache's
     # program and the eval's), loss log 2
-    start = _rows(cached, "eval")[0]
+    start = metric_rows(cached, "eval")[0]
     assert start["step"] == 0
     np.testing.assert_allclose(start["loss"], math.log(2), rtol=1e-6)
     assert abs(start["chosen_logratio"]) < 1e-4 and abs(start["rejected_logratio"]) < 1e-4
     assert a[-1]["loss"] < math.log(2) and a[-1]["chosen_logratio"] != 0
-    pa, pb = _state(cached)["params"], _state(step)["params"]
+    pa, pb = checkpoint_state(cached)["params"], checkpoint_state(step)["params"]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
     with open(os.path.join(cached, "summary.json")) as f:
         summary = json.load(f)
@@ -71,8 +61,8 @@ def test_resume_is_exact(tmp_path, stage_dirs, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     runner.run(cfg, full)
     assert run_preempted(cfg, part, monkeypatch) == 3
-    jax.tree.map(np.testing.assert_array_equal, _state(full), _state(part))
-    ra, rb = _rows(full), _rows(part)
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(full), checkpoint_state(part))
+    ra, rb = metric_rows(full), metric_rows(part)
     assert ra == rb and len(ra) == 6
     # the export is the final policy, and scores exactly as the trained params do
     from jaxrlhf.models import load_hf
@@ -84,7 +74,7 @@ def test_resume_is_exact(tmp_path, stage_dirs, monkeypatch):
     args = (jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]),
             jnp.asarray(b["prompt_len"]))
     got = dpo.response_logps(common.params_of(model), nnx.graphdef(model), *args)[0]
-    want = dpo.response_logps(_state(full)["params"], nnx.graphdef(model), *args)[0]
+    want = dpo.response_logps(checkpoint_state(full)["params"], nnx.graphdef(model), *args)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
@@ -125,10 +115,10 @@ def test_plackett_luce_with_gradient_accumulation(tmp_path, stage_dirs):
     c = _config(stage_dirs, steps=2, ranking="plackett_luce")
     c.train.grad_accum = 2
     runner.run(c, two)
-    for x, y in zip(_rows(one), _rows(two)):
+    for x, y in zip(metric_rows(one), metric_rows(two)):
         for k in ("loss", "accuracy", "grad_norm", "chosen_logps"):
             np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-6)
-    assert _rows(one)[0]["loss"] > 1.0          # K = 4: log 4! / ... > log 2 at the start
+    assert metric_rows(one)[0]["loss"] > 1.0          # K = 4: log 4! / ... > log 2 at the start
 
 
 def test_strength_labels_flip_a_pair(stage_dirs):
@@ -243,10 +233,10 @@ def test_eight_device_mesh_gives_the_same_losses(tmp_path, stage_dirs):
     runner.run(c, eight)
     # (accuracy at step 1 is not compared: policy == reference, so s = 0 up to the float noise
     # of two different programs and a tie's side is that noise)
-    for x, y in zip(_rows(one), _rows(eight)):
+    for x, y in zip(metric_rows(one), metric_rows(eight)):
         for k in ("loss", "grad_norm", "chosen_logratio", "reward_margin"):
             np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
-    for x, y in zip(_rows(one, "eval"), _rows(eight, "eval")):
+    for x, y in zip(metric_rows(one, "eval"), metric_rows(eight, "eval")):
         for k in ("loss", "accuracy", "chosen_logratio", "rejected_logratio"):
             np.testing.assert_allclose(x[k], y[k], rtol=2e-4, atol=1e-5)
-    assert len(_rows(eight)) == 2 and len(_rows(eight, "eval")) == 2
+    assert len(metric_rows(eight)) == 2 and len(metric_rows(eight, "eval")) == 2

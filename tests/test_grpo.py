@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from trainer_utils import load_config, read_jsonl, run_preempted, shrink_ppo
+from trainer_utils import (checkpoint_state, load_config, metric_rows, read_jsonl, run_preempted,
+                          shrink_ppo)
 
-from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.rewards import RewardFunctionError
 from jaxrlhf.trainers import runner
 
@@ -31,23 +31,13 @@ def _config(stage_dirs, algo="grpo", **ppo):
     return c
 
 
-def _rows(stage_dir, split="train"):
-    return [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
-            if r["split"] == split]
-
-
-def _state(stage_dir):
-    ck = Checkpointer(os.path.join(stage_dir, "checkpoints"))
-    state, _ = ck.restore_raw()
-    ck.close()
-    return jax.tree.map(np.asarray, state)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "reinforce_pp"])
 def test_critic_free_runs_without_critic_or_reward_model(tmp_path, stage_dirs, algo):
     d = str(tmp_path / algo)
     summary, _ = runner.run(_config(stage_dirs, algo), d)
-    rows = _rows(d)
+    rows = metric_rows(d)
     assert len(rows) == 3
     for r in rows:
         # The sampler and the trainer share one distribution: the first minibatch's ratio is 1.
@@ -63,7 +53,7 @@ def test_critic_free_runs_without_critic_or_reward_model(tmp_path, stage_dirs, a
         assert abs(r["reward"] - want) < 1e-5
     if algo == "grpo":
         assert all(r["kl_loss"] >= 0.0 for r in rows) and rows[-1]["kl_loss"] > 0.0
-    state = _state(d)
+    state = checkpoint_state(d)
     assert set(state["params"]) == {"actor"}   # no critic parameters or optimizer state
     assert "eval_final_reward/sorting_exact" in summary
     assert os.path.exists(os.path.join(d, "hf", "config.json"))
@@ -74,8 +64,8 @@ def test_grpo_resume_equals_uninterrupted(tmp_path, stage_dirs, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     runner.run(cfg, full)
     assert run_preempted(cfg, part, monkeypatch) == 3
-    jax.tree.map(np.testing.assert_array_equal, _state(full), _state(part))
-    ra, rb = _rows(full), _rows(part)
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_state(full), checkpoint_state(part))
+    ra, rb = metric_rows(full), metric_rows(part)
     for x, y in zip(ra, rb):
         for k in ("generation_time_share", "elapsed_s"):   # wall-clock values
             x.pop(k), y.pop(k)
@@ -87,7 +77,7 @@ def test_reward_function_failures_follow_the_policy(tmp_path, stage_dirs):
                   reward_fn_errors="penalty", reward_fn_penalty=-3.0)
     d = str(tmp_path / "penalty")
     runner.run(cfg, d)
-    (row,) = _rows(d)
+    (row,) = metric_rows(d)
     logged = read_jsonl(os.path.join(d, "reward_fn_errors.jsonl"))
     assert row["reward_fn_failures"] == len(logged) > 0
     for rec in logged:

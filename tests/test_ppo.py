@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from trainer_utils import load_config, read_jsonl, run_preempted, shrink_pipeline, shrink_ppo
+from trainer_utils import (checkpoint_state, load_config, metric_rows, read_jsonl, run_preempted,
+                          shrink_pipeline, shrink_ppo)
 
-from jaxrlhf.checkpoint import Checkpointer
 from jaxrlhf.data import batching
 from jaxrlhf.trainers import common, runner
 
@@ -31,16 +31,6 @@ def _ppo_config(stage_dirs, **ppo):
     return c
 
 
-def _ckpt_state(stage_dir):
-    ck = Checkpointer(os.path.join(stage_dir, "checkpoints"))
-    state, _ = ck.restore_raw()
-    ck.close()
-    return jax.tree.map(np.asarray, state)
-
-
-def _rows(stage_dir, split="train"):
-    return [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
-            if r["split"] == split]
 
 
 def test_ppo_runs_and_first_minibatch_invariants(tmp_path, stage_dirs):
@@ -50,7 +40,7 @@ def test_ppo_runs_and_first_minibatch_invariants(tmp_path, stage_dirs):
     float32 ulp: approx_kl is 0 up to ~1e-14, the ratio mean is exactly 1."""
     cfg = _ppo_config(stage_dirs, **SHARED_RUN)
     summary, _ = runner.run(cfg, str(tmp_path / "ppo"))
-    rows = _rows(str(tmp_path / "ppo"))
+    rows = metric_rows(str(tmp_path / "ppo"))
     assert len(rows) == 3
     for r in rows:
         assert r["first_ratio_mean"] == 1.0
@@ -80,11 +70,11 @@ def test_ppo_resume_equals_uninterrupted(tmp_path, stage_dirs, monkeypatch):
     part = str(tmp_path / "part")
     assert run_preempted(cfg, part, monkeypatch) == 3
 
-    a, b = _ckpt_state(full), _ckpt_state(part)
+    a, b = checkpoint_state(full), checkpoint_state(part)
     jax.tree.map(np.testing.assert_array_equal, a, b)   # bitwise, every piece of state
     assert float(a["kl_ctl"]["kl_coef"]) != cfg.ppo.kl_coef   # the controller really moved
     assert float(a["reward_stats"]["count"]) == 4 * cfg.ppo.rollout_batch
-    ra, rb = _rows(full), _rows(part)
+    ra, rb = metric_rows(full), metric_rows(part)
     for x, y in zip(ra, rb):
         for k in ("generation_time_share", "elapsed_s"):   # wall-clock values
             x.pop(k), y.pop(k)
@@ -103,7 +93,7 @@ def test_fused_first_update_equals_two_programs(tmp_path, stage_dirs):
                           fused_first_update=fused)
         d = str(tmp_path / f"fused_{fused}")
         runner.run(cfg, d)
-        runs[fused] = (_rows(d), _ckpt_state(d))
+        runs[fused] = (metric_rows(d), checkpoint_state(d))
     (ra, sa), (rb, sb) = runs[True], runs[False]
     assert len(ra) == len(rb) == 2
     for r in ra:
@@ -126,7 +116,7 @@ def test_ppo_on_eight_devices_matches_one(tmp_path, stage_dirs):
     runner.run(cfg, str(tmp_path / "one"))
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
     runner.run(cfg, str(tmp_path / "eight"))
-    ra, rb = _rows(str(tmp_path / "one")), _rows(str(tmp_path / "eight"))
+    ra, rb = metric_rows(str(tmp_path / "one")), metric_rows(str(tmp_path / "eight"))
     assert len(ra) == len(rb) == cfg.ppo.iterations
     for k in ("rm_score", "kl", "loss", "value_loss", "response_length", "ptx_loss"):
         np.testing.assert_allclose([r[k] for r in ra], [r[k] for r in rb], rtol=2e-4,
@@ -162,7 +152,7 @@ def test_pipeline_resumes_after_kill_in_each_stage(tmp_path, monkeypatch):
                 runner.run(cfg, part)
     runner.run(cfg, part)
     for stage in ("sft", "rm", "ppo"):
-        a, b = _ckpt_state(os.path.join(full, stage)), _ckpt_state(os.path.join(part, stage))
+        a, b = checkpoint_state(os.path.join(full, stage)), checkpoint_state(os.path.join(part, stage))
         jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
     s = json.load(open(os.path.join(part, "summary.json")))
     assert set(s) == {"sft", "rm", "ppo"}

@@ -38,6 +38,24 @@ def read_jsonl(path):
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
+def metric_rows(stage_dir, split="train"):
+    """The rows of a stage's metrics.jsonl of one split ("train" or "eval")."""
+    return [r for r in read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
+            if r.get("split", "train") == split]
+
+
+def checkpoint_state(stage_dir):
+    """The latest checkpointed train state of a stage, as NumPy arrays."""
+    import jax
+    import numpy as np
+
+    from jaxrlhf.checkpoint import Checkpointer
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
+    state, _ = ckpt.restore_raw()
+    ckpt.close()
+    return jax.tree.map(np.asarray, state)
+
+
 def shrink_ppo(c, iterations: int = 3):
     """A tiny PPO config: 8 prompts per iteration, 2 minibatches, 8 new tokens."""
     c.ppo.iterations = iterations
