@@ -16,9 +16,11 @@ sft=<SFT stage dir>, model=<pretrained HF chat model dir>, data=synthetic|hh|<pr
 ranking file>, ref=cached|step (reference log-probs cached once or run in every step),
 strength=<strength.jsonl of an rm_ensemble stage>, flip=<fraction of lowest-strength pairs
 flipped>, soft=<1: soft labels from the strength>, noise=<label noise of the built-in labeller>,
-rounds=<iterated online DPO rounds: sample K from the policy, label, continue DPO>.
+rounds=<iterated online DPO rounds: sample K from the policy, label, continue DPO>,
+lora=<rank> (adapters on a frozen base, `config.lora`; learning rates x10): the DPO stage's (its reference is then the frozen base, adapters off).
 """
-from jaxrlhf.config import base_config, parse_arg, pipeline_config, sibling_config
+from jaxrlhf.config import (base_config, lora_variant, parse_arg, pipeline_config,
+                            sibling_config)
 
 HH = "hh-rlhf-harmless"   # under config.data_root
 
@@ -98,10 +100,11 @@ def pretrained_defaults(c, a):
 def get_config(arg=None):
     a = parse_arg(arg, loss="sigmoid", ranking="pairs", k=4, beta=0.0, eps=0.0, steps=300,
                   seed=0, sft="", model="", data="synthetic", ref="cached", strength="",
-                  flip=0.0, soft=0, noise=0.1, rounds=1)
+                  flip=0.0, soft=0, noise=0.1, rounds=1, lora=0)
     if a.model:
         a.sft = a.model
     d = dpo_config(a)
+    lora_variant(d, a.lora)
     if a.sft:
         return d
     sft = sibling_config(__file__, "sft").get_config()

@@ -14,9 +14,11 @@
 Variants: algo=grpo|dr_grpo|dapo|rloo|reinforce_pp|reinforce_pp_baseline|ppo (ppo: GAE with
 a value head on the actor's trunk, same reward), k=<samples per prompt>, task=sort|arithmetic,
 iterations=<n>, prompts=<prompts per iteration>, seed=<n>, sft=<a finished SFT stage dir>,
-model=<a pretrained HF chat model dir: the RL stage from it with real-model defaults>.
+model=<a pretrained HF chat model dir: the RL stage from it with real-model defaults>,
+lora=<rank> (adapters on a frozen base, `config.lora`; learning rates x10): the RL stage's.
 """
-from jaxrlhf.config import base_config, parse_arg, pipeline_config, sibling_config
+from jaxrlhf.config import (base_config, lora_variant, parse_arg, pipeline_config,
+                            sibling_config)
 from jaxrlhf.options import apply_algorithm
 
 REWARDS = {
@@ -89,7 +91,7 @@ def real_model_defaults(c, a):
 
 def get_config(arg=None):
     a = parse_arg(arg, algo="grpo", k=4, task="sort", iterations=60, prompts=16, seed=0,
-                  sft="", model="")
+                  sft="", model="", lora=0)
     if a.task not in REWARDS:
         raise ValueError(f"configs/grpo.py: task must be one of {sorted(REWARDS)}, "
                          f"got {a.task!r}")
@@ -99,6 +101,7 @@ def get_config(arg=None):
         a.prompts = 8 if a.prompts == 16 else a.prompts
         a.iterations = 30 if a.iterations == 60 else a.iterations
     rl = rl_config(a)
+    lora_variant(rl, a.lora)
     if a.sft:
         return rl
     sft = sibling_config(__file__, "sft").get_config()

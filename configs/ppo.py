@@ -4,7 +4,8 @@
   python -m jaxrlhf.train --config configs/ppo.py:data=hh,sft=/tmp/sft_hh,rm=/tmp/rm_hh \
       --workdir /tmp/ppo_hh
 Variants: sft=<SFT stage dir or HF dir>, rm=<RM stage dir or HF dir>, data=synthetic|hh,
-iterations=<n>, kl=<kl_coef>, ptx=<ptx_coef>, critic=separate|shared.
+iterations=<n>, kl=<kl_coef>, ptx=<ptx_coef>, critic=separate|shared,
+lora=<rank> (adapters on a frozen base, `config.lora`; learning rates x10).
 
 The tokenizer is the SFT directory's (config.tokenizer = "auto"). data=hh takes its prompts
 from the HH-RLHF harmless transcripts (rendered with the chat template of the SFT model's
@@ -12,14 +13,14 @@ tokenizer; over-long prompts lose their oldest turns) with pretrained-model defa
 per iteration, one fused update per iteration, 64 new tokens, actor lr 2e-6, critic lr 1e-5,
 held-out evaluation on 16 test prompts before and after.
 """
-from jaxrlhf.config import base_config, parse_arg
+from jaxrlhf.config import base_config, lora_variant, parse_arg
 
 HH = "hh-rlhf-harmless"   # under config.data_root
 
 
 def get_config(arg=None):
     a = parse_arg(arg, sft="", rm="", data="synthetic", iterations=60, kl=0.05, ptx=0.0,
-                  critic="separate")
+                  critic="separate", lora=0)
     c = base_config("ppo")
     c.tokenizer = "auto"
     c.data.path = "synthetic"
@@ -48,6 +49,7 @@ def get_config(arg=None):
         hh_prompts(c)
     elif a.data != "synthetic":
         raise ValueError(f"configs/ppo.py: data must be synthetic or hh, got {a.data!r}")
+    lora_variant(c, a.lora)
     return c
 
 

@@ -4,7 +4,7 @@
   python -m jaxrlhf.train --config configs/rm.py:data=hh,init_from=/tmp/sft_hh --workdir /tmp/rm_hh
 Variants: size=tiny|small|base (fresh model), data=synthetic|hh|<path to a preference or ranking
 file>, init_from=<local HF dir or an SFT stage dir>, steps=<n>, k=<responses per prompt
-(built-in task)>.
+(built-in task)>, lora=<rank> (adapters on a frozen base, `config.lora`; learning rates x10).
 
 With init_from (a pretrained model) the defaults are a fine-tuning recipe: lr 2e-5, batch 8
 prompts, evaluation at step 0 and at the end (the whole held-out set), full
@@ -12,13 +12,13 @@ rematerialisation of each layer (memory), and centring in the weights
 (rm.center_loss_coef = 0.01, no post-hoc bias) so that the exported model scores exactly the
 same in transformers' AutoModelForSequenceClassification.
 """
-from jaxrlhf.config import base_config, parse_arg
+from jaxrlhf.config import base_config, lora_variant, parse_arg
 
 HH = "hh-rlhf-harmless"   # under config.data_root
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="tiny", data="synthetic", init_from="", steps=400, k=4)
+    a = parse_arg(arg, size="tiny", data="synthetic", init_from="", steps=400, k=4, lora=0)
     c = base_config("rm")
     c.model.preset = a.size
     c.train.steps = a.steps
@@ -49,6 +49,7 @@ def get_config(arg=None):
         c.init_from = a.init_from
         c.tokenizer = "auto"
         pretrained_defaults(c)
+    lora_variant(c, a.lora)
     return c
 
 

@@ -5,7 +5,7 @@
       --workdir /tmp/sft_hh
 Variants: size=tiny|small|base (fresh model), data=synthetic|hh|<path to a jsonl/json/parquet/csv
 file of {prompt, response} or {messages}>, init_from=<local HF dir> (tokenizer taken from it),
-steps=<n>.
+steps=<n>, lora=<rank> (adapters on a frozen base, `config.lora`; learning rate x10).
 
 With init_from (a pretrained model) the defaults are a fine-tuning recipe: lr 1e-5, 10 warmup
 steps, batch 8, evaluation at step 0 and at the end on the first 64 held-out rows (seconds,
@@ -13,7 +13,7 @@ not minutes, on a laptop CPU), full rematerialisation of each layer (memory). HH
 are rendered with the model's chat template when its tokenizer has one
 (data.chat_template="raw" keeps the raw text).
 """
-from jaxrlhf.config import base_config, parse_arg
+from jaxrlhf.config import base_config, lora_variant, parse_arg
 
 # Relative data paths are looked up under config.data_root ($JAXRLHF_DATA_ROOT, else the shared
 # data folder beside the checkout).
@@ -21,7 +21,7 @@ HH = "hh-rlhf-harmless"
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="tiny", data="synthetic", init_from="", steps=600)
+    a = parse_arg(arg, size="tiny", data="synthetic", init_from="", steps=600, lora=0)
     c = base_config("sft")
     c.model.preset = a.size
     c.train.steps = a.steps
@@ -48,6 +48,7 @@ def get_config(arg=None):
         c.init_from = a.init_from
         c.tokenizer = "auto"
         pretrained_defaults(c)
+    lora_variant(c, a.lora)
     return c
 
 

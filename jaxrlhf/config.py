@@ -158,6 +158,25 @@ def base_config(stage: str = "sft") -> ml_collections.ConfigDict:
     return c
 
 
+LORA_LR_FACTOR = 10.0
+LORA_VARIANT_ALPHA = 32.0
+
+
+def lora_variant(c, rank) -> None:
+    """The `lora=r` variant of the stage configs: adapters of rank r (alpha 32) on every
+    projection, and the stage's learning rates (train.lr; ppo.actor_lr / critic_lr) times
+    LORA_LR_FACTOR (10): a low-rank update needs a larger step than full fine-tuning for the
+    same progress (the usual rule of thumb, a starting point to tune). r = 0: no change."""
+    if not int(rank):
+        return
+    c.lora.rank = int(rank)
+    c.lora.alpha = LORA_VARIANT_ALPHA
+    c.train.lr = float(c.train.lr) * LORA_LR_FACTOR
+    if "ppo" in c:
+        c.ppo.actor_lr = float(c.ppo.actor_lr) * LORA_LR_FACTOR
+        c.ppo.critic_lr = float(c.ppo.critic_lr) * LORA_LR_FACTOR
+
+
 def sibling_config(config_file: str, name: str):
     """The module `<dir of config_file>/<name>.py` (a config file composing others, e.g. a
     pipeline from sft.py, rm.py and ppo.py), loaded by path."""

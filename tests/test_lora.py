@@ -321,3 +321,17 @@ def test_grpo_with_a_kl_loss_trains_adapters(tmp_path, stage_dirs):
     assert set(st["params"]) == {"actor"}
     assert all(n.startswith("lora_") for n in _leaf_names(st["params"]["actor"]))
     assert rows[-1]["kl"] != 0.0
+
+
+def test_lora_config_variant():
+    from jaxrlhf.config import LORA_LR_FACTOR
+    for name, arg in (("sft", ""), ("ppo", ""), ("hh_pipeline", "model=/nonexistent")):
+        plain = load_config(name, arg or None)
+        adapted = load_config(name, (arg + "," if arg else "") + "lora=8")
+        stages = ([(plain.pipeline[k], adapted.pipeline[k]) for k in ("sft", "rm", "ppo")]
+                  if "pipeline" in plain else [(plain, adapted)])
+        for p, a in stages:
+            assert p.lora.rank == 0 and a.lora.rank == 8 and a.lora.alpha == 32.0
+            assert a.train.lr == pytest.approx(p.train.lr * LORA_LR_FACTOR)
+            if "ppo" in a:
+                assert a.ppo.actor_lr == pytest.approx(p.ppo.actor_lr * LORA_LR_FACTOR)
