@@ -423,8 +423,9 @@ class Transformer(nnx.Module):
     def _run_layers(self, x, positions_BxT, kv_fn_for_layer, carry_extra=None, select=None):
         """Scans the stacked layers. `kv_fn_for_layer(extra, layer_idx)` returns a kv_fn and
         a function giving the new `extra` (used to thread the KV cache through the scan).
-        With `select` the last layer runs after the scan and outputs only the selected rows
-        (`Block.__call__`)."""
+        With `select` and an unrolled scan (shallow models) the last layer runs after the scan
+        and outputs only the selected rows (`Block.__call__`); a rolled scan runs all layers
+        on every row and the selected rows are taken after it."""
         graphdef, state = nnx.split(self.layers)
         policy = remat_policy(self.cfg.remat)
 
@@ -442,7 +443,18 @@ class Transformer(nnx.Module):
         def body(carry, xs):
             return all_rows(*carry, *xs), None
 
-        n_scan = self.cfg.n_layers - (select is not None)
+        n_layers, unroll = self.cfg.n_layers, self.cfg.layer_scan_unroll()
+        if select is not None and unroll < n_layers - 1:
+            # A rolled scan over the first L - 1 layers would scan a slice of the stacked
+            # weights, which XLA copies ((L-1)/L of every layer weight, per forward: 0.4 GB
+            # for a 135M model). Deep models run all L layers in the scan and take the
+            # selected rows after it, giving up the last layer's smaller query set (1/L of
+            # one layer's work) instead.
+            carry, _ = jax.lax.scan(body, (x, carry_extra),
+                                    (state, jnp.arange(n_layers, dtype=jnp.int32)),
+                                    unroll=unroll)
+            return select_rows(carry[0], select), carry[1]
+        n_scan = n_layers - (select is not None)
         scanned = state if select is None else jax.tree.map(lambda a: a[:n_scan], state)
         carry = (x, carry_extra)
         if n_scan:
@@ -459,11 +471,13 @@ class Transformer(nnx.Module):
 
         `select`: only these positions' hidden states are wanted -- a static `slice` of T or
         an int array [B, Q] of per-sequence positions (`select_rows`); returns [B, Q, D].
-        The last layer then computes its queries, attention output and MLP only at those
-        rows (its keys and values at every position), skipping (1 - Q/T) of that layer's
-        work: PPO reads log-probs and values at the N response positions only, a reward
-        model its score at the last real token. The rows equal the full forward's up to the
-        float rounding of the smaller matmuls.
+        In a shallow model (unrolled layer scan) the last layer then computes its queries,
+        attention output and MLP only at those rows (its keys and values at every position),
+        skipping (1 - Q/T) of that layer's work: PPO reads log-probs and values at the N
+        response positions only, a reward model its score at the last real token. The rows
+        equal the full forward's up to the float rounding of the smaller matmuls. A deep
+        model (rolled scan) computes every row and selects after the last layer
+        (`_run_layers`).
         """
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
