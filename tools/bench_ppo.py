@@ -204,6 +204,9 @@ def note_trl_and_malloc(out: dict, args, has_trl: bool, trl_info, trainer: str) 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_trainer_bench_args(ap, what="PPO", batch=8, new=64)
+    ap.add_argument("--lora", type=int, default=0,
+                    help="also run jaxrlhf with adapters of this rank (config.lora.rank) on "
+                         "the actor and critic, in its own process each round")
     return real_model_defaults(ap.parse_args(), (("--new", 128), ("--prompt", 64),
                                                  ("--iterations", 2), ("--repeats", 1)))
 
@@ -295,6 +298,7 @@ def jax_config(args, dirs, prompts_path):
     c.data.chat_template = "raw"   # the prompt ids are the text's ids, as TRL gets them
     if args.hf:
         c.model.remat = "full"      # the pretrained-model recipe (configs/ppo.py:data=hh)
+    c.lora.rank = int(getattr(args, "lora_rank", 0))
     c.data.buckets = (args.prompt,)
     c.data.max_len = args.prompt
     c.data.max_prompt_len = args.prompt
@@ -710,10 +714,14 @@ def run_rounds(res, args, use_trl, actor, rm, dirs, prompts_path, prompt_ids, wo
     res["trl"] = None
     # --repeats rounds alternate the two sides; each side reports its fastest round (the VM's
     # speed drifts by up to 2x over minutes, so one round can land in a slow patch).
-    jax_rounds, trl_rounds = [], []
+    jax_rounds, trl_rounds, lora_rounds = [], [], []
     for r in range(args.repeats):
         jax_rounds.append(run_jax_subprocess(args, dirs, prompts_path,
                                              os.path.join(work, f"ppo{r}")))
+        if getattr(args, "lora", 0):
+            lora_args = argparse.Namespace(**dict(vars(args), lora_rank=args.lora))
+            lora_rounds.append(run_jax_subprocess(lora_args, dirs, prompts_path,
+                                                  os.path.join(work, f"ppo_lora{r}")))
         if not use_trl:
             continue
         worker, err = run_trl_subprocess(args, actor, rm, prompt_ids, work)
@@ -733,6 +741,15 @@ def run_rounds(res, args, use_trl, actor, rm, dirs, prompts_path, prompt_ids, wo
     res["jax_iter_s_median_by_round"] = [x["iter_s_median"] for x in jax_rounds]
     res["peak_rss_gb"] = {"jax": max(x["peak_rss_gb"] for x in jax_rounds),
                           "trl": max(res.get("trl_peak_rss_gb_by_round") or [0]) or None}
+    if lora_rounds:   # adapters on a frozen base vs full fine-tuning, both jaxrlhf
+        best = min(lora_rounds, key=lambda x: x["iter_s_median"])
+        res["jax_lora"] = dict(best, rank=args.lora)
+        res["peak_rss_gb"]["jax_lora"] = max(x["peak_rss_gb"] for x in lora_rounds)
+        res["lora_vs_full"] = {
+            "peak_rss_fraction": round(res["peak_rss_gb"]["jax_lora"]
+                                       / res["peak_rss_gb"]["jax"], 3),
+            "iter_time_fraction": round(best["iter_s_median"]
+                                        / res["jax"]["iter_s_median"], 3)}
     if trl_rounds:
         res["trl"] = min(trl_rounds, key=lambda x: x["iter_s_median"])
         res["trl_iter_s_median_by_threads"] = res["trl"].pop("iter_s_median_by_threads")
