@@ -335,3 +335,22 @@ def test_lora_config_variant():
             assert a.train.lr == pytest.approx(p.train.lr * LORA_LR_FACTOR)
             if "ppo" in a:
                 assert a.ppo.actor_lr == pytest.approx(p.ppo.actor_lr * LORA_LR_FACTOR)
+
+
+def test_dpo_from_an_adapter_uses_the_starting_policy_as_reference(tmp_path, stage_dirs):
+    """lora.adapter (a trained starting policy): the reference is base + those adapters, so
+    the policy starts exactly at the reference (log-ratios 0), not at the bare base."""
+    base_dir = os.path.join(stage_dirs["sft"], "hf")
+    start = _perturbed(lora.add_adapters(load_hf(base_dir), 4, 8.0, "all"), scale=0.2)
+    lora.save_peft(start, str(tmp_path / "adapter"), base_model=base_dir)
+    c = shrink(load_config("dpo", f"sft={stage_dirs['sft']}"), steps=1)
+    c.lora.adapter = str(tmp_path / "adapter")
+    d = str(tmp_path / "dpo")
+    runner.run(c, d)
+    first = metric_rows(d, "eval")[0]
+    assert first["chosen_logratio"] == 0.0 and first["rejected_logratio"] == 0.0
+    plain = shrink(load_config("dpo", f"sft={stage_dirs['sft']}"), steps=1)
+    plain.lora.rank = 4
+    runner.run(plain, str(tmp_path / "plain"))
+    assert abs(metric_rows(str(tmp_path / "plain"), "eval")[0]["chosen_logps"]
+               - first["chosen_logps"]) > 1e-3   # the starting adapters moved the policy

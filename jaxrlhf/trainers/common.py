@@ -255,6 +255,15 @@ class Trainable:
         from jaxrlhf.models import lora
         return lora.graphdef_of(lora.without_adapters(self.model.cfg), self.model.head)
 
+    def reference(self):
+        """(graphdef, params) of the frozen starting model, for DPO's and PPO's reference,
+        without a copy of the base: the base under the graph without adapters, or, when the
+        adapters were loaded from lora.adapter (a trained starting policy), the base with a
+        frozen copy of those starting adapters."""
+        if self.options is not None and self.options.adapter:
+            return self.graphdef, self.full(jax.tree.map(jnp.copy, self.params))
+        return self.base_graphdef(), self.base
+
     @property
     def is_lora(self) -> bool:
         return self.base is not None

@@ -278,7 +278,7 @@ def build(config, stage_dir: str) -> common.Stage:
     loss_kw = loss_kw_of(do)
 
     # The frozen reference: the starting policy itself (a copy: the state is donated; with
-    # adapters the frozen base under the graph without adapters, no copy), or dpo.ref_init.
+    # adapters the frozen base, no copy: `Trainable.reference`), or dpo.ref_init.
     # Without a reference (SimPO) nothing is loaded.
     ref = None
     if not do.reference_free:
@@ -287,7 +287,7 @@ def build(config, stage_dir: str) -> common.Stage:
             ref = (nnx.graphdef(ref_model), common.params_of(ref_model))
             del ref_model
         elif tr.is_lora:
-            ref = (tr.base_graphdef(), tr.base)
+            ref = tr.reference()
         else:
             ref = (graphdef, jax.tree.map(jnp.copy, tr.params))
     del model

@@ -296,7 +296,7 @@ def build(config, stage_dir: str) -> common.Stage:
         actor_params = actor_tr.params
         base = {"actor": actor_tr.base}
         if ref_dir == actor_dir:
-            ref_params = actor_tr.base
+            ref_gd, ref_params = actor_tr.reference()
         common.log_main(f"[ppo] actor: {actor_tr.describe()}")
     elif ref_dir == actor_dir:
         actor_params = jax.tree.map(jnp.copy, ref_params)
@@ -316,8 +316,11 @@ def build(config, stage_dir: str) -> common.Stage:
             critic_model = rm_model   # adapters on the reward model's own (frozen) trunk
         else:
             critic_model = _load_frozen(critic_dir, "score", mesh, config.model)[2]
+        # lora.adapter is the actor's; the critic gets fresh adapters of the same rank
+        critic_lo = dataclasses.replace(lo, adapter="",
+                                        rank=lo.rank or actor_tr.model.cfg.lora_rank)
         critic_tr = common.trainable(config, critic_model, mesh, seed=int(config.seed) + 1,
-                                     options=dataclasses.replace(lo, adapter=""))
+                                     options=critic_lo)
         # A copy: the state is donated and the score head may be the reward model's arrays.
         critic_params = jax.tree.map(jnp.copy, critic_tr.params)
         graphdefs["critic"] = critic_tr.graphdef
