@@ -158,6 +158,18 @@ def test_kv_cache_decoding_matches_full_forward(model):
 
 
 def test_greedy_equals_stepwise_argmax_of_full_forward(model):
+    _check_greedy_against_full_forward(model)
+
+
+def test_greedy_with_sliding_window_layers():
+    """Qwen3-style q/k norms and a 3-token window on layer 0: 6 generated tokens after a
+    7-token prompt run well past the window, in the cache as in the full forward."""
+    cfg = CFG.replace(family="qwen3", qk_norm=True, sliding_window=3,
+                      layer_types=("sliding", "full"))
+    _check_greedy_against_full_forward(make_model(cfg, seed=3))
+
+
+def _check_greedy_against_full_forward(model):
     toks, mask = prompts(batch=3, length=7)
     n = 6
     res = gen.generate(model, toks, mask, jax.random.key(0), max_new_tokens=n, eos_id=-1,

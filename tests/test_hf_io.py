@@ -19,7 +19,7 @@ from jaxrlhf.models.hf_io import read_safetensors_raw
 from jaxrlhf.sharding import make_mesh
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("llama_gqa_sharded", "llama_tied", "qwen2", "gpt2", "llama_seqcls")
+NAMES = ("llama_gqa_sharded", "llama_tied", "qwen2", "qwen3", "mistral", "gpt2", "llama_seqcls")
 
 
 def _head(name):

@@ -18,6 +18,12 @@ CONFIGS = {
                                rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                              "original_max_position_embeddings": 8}),
+    # per-head q/k norm; layer 1 slides over 3 tokens (sequences here are 9-12 long)
+    "qwen3_sliding": preset("tiny", d_model=64, mlp_dim=96, n_layers=2, family="qwen3",
+                            qk_norm=True, tie_embeddings=True, sliding_window=3,
+                            layer_types=("full", "sliding")),
+    "mistral_sliding": preset("tiny", d_model=64, mlp_dim=96, n_layers=2, family="mistral",
+                              sliding_window=4),
     "gpt2": ModelConfig(family="gpt2", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
                         mlp_dim=128, norm="layer", mlp="gelu", positions="learned",
                         max_positions=32, qkv_bias=True, out_bias=True, mlp_bias=True,

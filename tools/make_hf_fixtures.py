@@ -1,6 +1,6 @@
 """Builds the tiny Hugging Face reference checkpoints under tests/fixtures/hf/ (needs torch).
 
-    python tools/make_hf_fixtures.py [--out tests/fixtures/hf]
+    python tools/make_hf_fixtures.py [--out tests/fixtures/hf] [--only qwen3,mistral]
 
 Each fixture is a directory written by the model's own `save_pretrained` (float32) plus
 `reference.npz` with the HF outputs that `tests/test_hf_io.py` compares against (the tests
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import transformers
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          LlamaForSequenceClassification, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaForSequenceClassification, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 SEED = 1234
 PAD = 0  # pad id used in every padded batch; real tokens are drawn from [1, V)
@@ -67,6 +68,16 @@ def _fixtures():
         "llama_seqcls": (LlamaForSequenceClassification, LlamaConfig(
             **common, num_key_value_heads=2, tie_word_embeddings=False, num_labels=1,
             pad_token_id=PAD, rms_norm_eps=1e-5), {}),
+        # (f) Qwen3: per-head q/k RMSNorm, tied; layer 1 slides over a 4-token window (the
+        # batches are 8-10 tokens long, so the window cuts).
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config(
+            **common, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+            rms_norm_eps=1e-6, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0)), {}),
+        # (g) Mistral: every layer slides over a 3-token window.
+        "mistral": (MistralForCausalLM, MistralConfig(
+            **common, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+            rms_norm_eps=1e-5, sliding_window=3), {}),
     }
 
 
@@ -118,10 +129,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests",
                                                       "fixtures", "hf"))
+    parser.add_argument("--only", default="",
+                        help="comma-separated fixture names to (re)build; default all")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    only = {n for n in args.only.split(",") if n}
     for index, (name, (cls, config, save_kw)) in enumerate(_fixtures().items()):
+        if only and name not in only:
+            continue
         torch.manual_seed(SEED + index)
         gen = torch.Generator().manual_seed(SEED + index)
         model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
@@ -141,9 +157,15 @@ def main():
         np.savez_compressed(os.path.join(path, "reference.npz"), **ref)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         print(f"{name:20s} {size / 1024:7.1f} KiB  {sorted(os.listdir(path))}")
-    with open(os.path.join(out, "versions.json"), "w") as f:
-        json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
-                   "seed": SEED}, f, indent=2)
+    path = os.path.join(out, "versions.json")
+    here = {"torch": torch.__version__, "transformers": transformers.__version__}
+    record = dict(here, seed=SEED)
+    if only and os.path.exists(path):   # a partial rebuild: record the versions per fixture
+        with open(path) as f:
+            record = json.load(f)
+        record.setdefault("fixtures", {}).update({name: here for name in sorted(only)})
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
         f.write("\n")
 
 

@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass covers the Llama, Qwen2 and GPT-2 families.
+"""Model configuration: one dataclass covers the Llama, Qwen2, Qwen3, Mistral and GPT-2
+families.
 
 The family only fixes defaults; every architectural switch is an explicit field so an
 unusual checkpoint (Llama with biases, GPT-2 with RoPE, ...) is one config away.
@@ -10,7 +11,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 
 # Remat policies selectable by name (see `jaxrlhf.models.transformer.remat_policy`).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -33,7 +34,7 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     Attributes:
-        family: "llama" | "qwen2" | "gpt2"; used for HF export and defaults only.
+        family: "llama" | "qwen2" | "qwen3" | "mistral" | "gpt2"; used for HF export only.
         vocab_size: V.
         d_model: hidden size D.
         n_layers: L, stacked and scanned.
@@ -50,6 +51,11 @@ class ModelConfig:
         rope_scaling: None or an HF-style dict; `{"rope_type": "llama3", "factor", "low_freq_factor",
             "high_freq_factor", "original_max_position_embeddings"}` is supported.
         qkv_bias / out_bias / mlp_bias: bias on q,k,v projections / attention output / MLP.
+        qk_norm: RMSNorm over each head's dimension on queries and keys, before RoPE (Qwen3).
+        sliding_window: W: a query at position i of a sliding layer attends keys at positions
+            i - W < j <= i (None = no sliding layers).
+        layer_types: per layer "full" or "sliding" (None = every layer "sliding" when
+            sliding_window is set, e.g. Mistral; else every layer "full").
         tie_embeddings: LM head shares the token embedding matrix.
         param_dtype: storage dtype of parameters ("float32" or "bfloat16").
         dtype: compute dtype of activations and matmuls (params are cast at use).
@@ -99,6 +105,9 @@ class ModelConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
@@ -128,6 +137,17 @@ class ModelConfig:
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
                                               "set head_dim explicitly.")
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or any(
+                    t not in ("full", "sliding") for t in self.layer_types):
+                raise ValueError(f"layer_types must hold 'full' or 'sliding' for each of the "
+                                 f"{self.n_layers} layers, got {self.layer_types!r}.")
+            if "sliding" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding layers but sliding_window is not set.")
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}.")
         if isinstance(self.lora_targets, list):
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.lora_rank:
@@ -138,6 +158,14 @@ class ModelConfig:
                                  f"has the projections {list(have)}.")
         if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable (jit static arg)
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+
+    def sliding_layers(self) -> tuple:
+        """Per layer: True when it attends through the sliding window."""
+        if not self.sliding_window:
+            return (False,) * self.n_layers
+        if self.layer_types is None:
+            return (True,) * self.n_layers
+        return tuple(t == "sliding" for t in self.layer_types)
 
     def lora_target_names(self) -> tuple:
         """The projections of this architecture an adapter can target."""
@@ -184,6 +212,8 @@ class ModelConfig:
         attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
         if self.qkv_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        if self.qk_norm:
+            attn += 2 * hd
         if self.out_bias:
             attn += d
         mlp = (3 if self.mlp == "swiglu" else 2) * d * f

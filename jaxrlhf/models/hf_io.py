@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint I/O: `load_hf` / `save_hf` for the Llama, Qwen2 and GPT-2 families.
+"""Hugging Face checkpoint I/O: `load_hf` / `save_hf` for the Llama, Qwen2, Qwen3, Mistral and
+GPT-2 families.
 
 Only `config.json` (JSON) and `*.safetensors` are read, so loading never executes foreign
 code (no pickle, no `trust_remote_code`), and torch is not needed.
@@ -55,6 +56,8 @@ SCORE_BIAS_KEY = "jaxrlhf_score_bias"
 _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification", "model."),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "model."),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "model."),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification", "model."),
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "transformer."),
 }
 _SUPPORTED = ", ".join(f"{t} ({', '.join(_ARCHITECTURES[t][:2])})" for t in sorted(_ARCHITECTURES))
@@ -128,10 +131,11 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> Tuple[float, Optional[dict]]:
 
 def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
                    param_dtype: str = "float32") -> ModelConfig:
-    """A `ModelConfig` from a Hugging Face config.json dict (Llama, Qwen2 or GPT-2).
+    """A `ModelConfig` from a Hugging Face config.json dict (Llama, Qwen2, Qwen3, Mistral or
+    GPT-2; sliding-window layers of Mistral / Qwen included).
 
-    Raises ValueError for unsupported architectures or features (sliding-window attention,
-    non-llama3 rope scaling, activations other than SiLU / tanh-GELU, ...).
+    Raises ValueError for unsupported architectures or features (non-llama3 rope scaling,
+    activations other than SiLU / tanh-GELU, Mistral's alternating layer_types, ...).
     """
     model_type = _model_type(hf)
     ids = dict(pad_token_id=_single_id(hf, "pad_token_id"),
@@ -162,15 +166,12 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     if act != "silu":
         raise ValueError(f"{model_type} hidden_act={act!r} is not supported (SwiGLU needs 'silu').")
     if model_type == "qwen2":
-        sliding = [t for t in (hf.get("layer_types") or []) if t != "full_attention"]
-        if hf.get("use_sliding_window") or sliding:
-            raise ValueError("Qwen2 checkpoints with use_sliding_window=true (sliding-window "
-                             "attention) are not supported; only full attention is implemented.")
         biases = dict(qkv_bias=True, out_bias=False, mlp_bias=False)
     else:
         attention_bias = bool(hf.get("attention_bias", False))
         biases = dict(qkv_bias=attention_bias, out_bias=attention_bias,
                       mlp_bias=bool(hf.get("mlp_bias", False)))
+    window = _sliding_from_hf(hf, model_type)
     d, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     theta, scaling = _rope_from_hf(hf)
     return ModelConfig(
@@ -179,19 +180,53 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
         head_dim=int(hf.get("head_dim") or d // h), mlp_dim=int(hf["intermediate_size"]),
         norm="rms", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu",
         positions="rope", max_positions=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=theta, rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling, qk_norm=model_type == "qwen3", **window,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def _sliding_from_hf(hf: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
+    """{sliding_window, layer_types} of a Llama / Qwen / Mistral config.json: Mistral slides
+    on every layer when sliding_window is set; Qwen2 / Qwen3 on the layers whose layer_types
+    entry is "sliding_attention" (by default those from max_window_layers on) when
+    use_sliding_window is true."""
+    n = int(hf["num_hidden_layers"])
+    if model_type == "mistral":
+        if hf.get("layer_types"):
+            raise ValueError("Mistral configs with layer_types (alternating attention) are not "
+                             "supported.")
+        w = hf.get("sliding_window")
+        return {"sliding_window": int(w)} if w else {}
+    if model_type in ("qwen2", "qwen3"):
+        w = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        if not w:
+            return {}
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= int(hf.get("max_window_layers", n)) else "full_attention"
+            for i in range(n)]
+        bad = sorted({t for t in types} - {"sliding_attention", "full_attention"})
+        if bad or len(types) != n:
+            raise ValueError(f"{model_type} layer_types {types} are not supported (one of "
+                             "'full_attention' / 'sliding_attention' per layer).")
+        kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+        return {"sliding_window": int(w), "layer_types": kinds} if "sliding" in kinds else {}
+    if hf.get("sliding_window") or hf.get("layer_types"):
+        raise ValueError(f"{model_type} with sliding-window attention is not supported.")
+    return {}
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
     """Raises if `cfg` uses a combination its family's HF class cannot express."""
+    rope = dict(norm="rms", mlp="swiglu", positions="rope", qk_norm=False)
     want = {
-        "llama": dict(norm="rms", mlp="swiglu", positions="rope"),
-        "qwen2": dict(norm="rms", mlp="swiglu", positions="rope", qkv_bias=True,
-                      out_bias=False, mlp_bias=False),
+        "llama": dict(rope, sliding_window=None),
+        "qwen2": dict(rope, qkv_bias=True, out_bias=False, mlp_bias=False),
+        "qwen3": dict(rope, qk_norm=True, out_bias=cfg.qkv_bias, mlp_bias=False),
+        "mistral": dict(rope, qkv_bias=False, out_bias=False, mlp_bias=False,
+                        layer_types=None),
         "gpt2": dict(norm="layer", mlp="gelu", positions="learned", qkv_bias=True,
                      out_bias=True, mlp_bias=True, n_kv_heads=cfg.n_heads,
-                     dim_per_head=cfg.d_model // cfg.n_heads),
+                     dim_per_head=cfg.d_model // cfg.n_heads, qk_norm=False,
+                     sliding_window=None),
     }[cfg.family]
     if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:
         want["out_bias"] = cfg.qkv_bias  # HF Llama has one switch (attention_bias) for both
@@ -236,10 +271,19 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> Dict[str, Any]:
         if cfg.family == "llama":
             out.update(attention_bias=cfg.qkv_bias, head_dim=cfg.dim_per_head,
                        mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+        elif cfg.family == "mistral":
+            out.update(head_dim=cfg.dim_per_head, sliding_window=cfg.sliding_window)
         else:
-            out.update(layer_types=["full_attention"] * cfg.n_layers, max_window_layers=28,
-                       sliding_window=None, use_sliding_window=False)
-            if cfg.dim_per_head * cfg.n_heads != cfg.d_model:
+            sliding = cfg.sliding_layers()
+            types = ["sliding_attention" if x else "full_attention" for x in sliding]
+            # HF derives layer_types from max_window_layers when they are not given; both
+            # are written, consistent with each other when the sliding layers are a suffix.
+            first = next((i for i, x in enumerate(sliding) if x), cfg.n_layers)
+            out.update(layer_types=types, max_window_layers=first,
+                       sliding_window=cfg.sliding_window, use_sliding_window=any(sliding))
+            if cfg.family == "qwen3":
+                out.update(attention_bias=cfg.qkv_bias, head_dim=cfg.dim_per_head)
+            elif cfg.dim_per_head * cfg.n_heads != cfg.d_model:
                 out["head_dim"] = cfg.dim_per_head  # Qwen2 reads it when present
     out.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings,
@@ -344,6 +388,9 @@ def _rules(cfg: ModelConfig, head: str) -> List[_Rule]:
         if cfg.mlp_bias:
             rules += [_one(("layers", "mlp", "b_" + n), m + f"{n}_proj.bias", layered=True)
                       for n in ("gate", "up", "down")]
+        if cfg.qk_norm:
+            rules += [_one(("layers", "attn", n), a + f"{n}.weight", layered=True)
+                      for n in ("q_norm", "k_norm")]
     if head == "lm" and not cfg.tie_embeddings:
         rules.append(_one(("lm_head",), "lm_head.weight", load=lambda w: w.T,
                           save=lambda p: p.T, top_level=True))

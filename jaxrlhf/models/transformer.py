@@ -1,4 +1,5 @@
-"""A decoder-only transformer in flax.nnx covering the Llama, Qwen2 and GPT-2 families.
+"""A decoder-only transformer in flax.nnx covering the Llama, Qwen2, Qwen3, Mistral and GPT-2
+families (Qwen3: per-head q/k RMSNorm; Mistral / Qwen sliding layers: a banded causal mask).
 
 Layers are created stacked (`nnx.vmap` at init) and run with `jax.lax.scan`, so compile
 time does not grow with depth. Every parameter carries logical axis names in its `axes`
@@ -148,6 +149,13 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def rms_norm(x, scale, eps: float):
+    """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype."""
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + eps)
+    return (y * _bcast(scale.astype(jnp.float32), y.ndim)).astype(x.dtype)
+
+
 class Norm(nnx.Module):
     """RMSNorm (Llama, Qwen2) or LayerNorm with bias (GPT-2), computed in float32."""
 
@@ -159,11 +167,10 @@ class Norm(nnx.Module):
             self.bias = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="zeros")
 
     def __call__(self, x):
+        if self.kind == "rms":
+            return rms_norm(x, self.scale[...], self.eps)
         dtype = x.dtype
         x = x.astype(jnp.float32)
-        if self.kind == "rms":
-            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-            return (x * _bcast(self.scale[...].astype(jnp.float32), x.ndim)).astype(dtype)
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         x = (x - mean) * jax.lax.rsqrt(var + self.eps)
@@ -240,6 +247,9 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, (k, dh), ("kv_heads", "head_dim"), cfg, init="zeros")
         if cfg.out_bias:
             self.bo = _param(rngs, (d,), ("embed",), cfg, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init="ones")
+            self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init="ones")
         _add_adapters(self, cfg, rngs, "attn")
 
     def qkv(self, x_BxTxD, positions_BxT, select=None):
@@ -261,6 +271,9 @@ class Attention(nnx.Module):
             q = q + _bcast(self.bq[...].astype(dt), 4)
             k = k + _bcast(self.bk[...].astype(dt), 4)
             v = v + _bcast(self.bv[...].astype(dt), 4)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
         if cfg.positions == "rope":
             inv_freq = rope_inv_freq(cfg)
             q = apply_rope(q, q_pos, inv_freq)
@@ -486,13 +499,36 @@ class Transformer(nnx.Module):
         t = tokens_BxT.shape[1]
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         allowed = causal[None] & (mask_BxT[:, None, :] > 0)
+        # Sliding layers: keys within the window. Rows are left-padded (real tokens
+        # contiguous), so index differences are position differences.
+        rows = jnp.arange(t, dtype=jnp.int32)
+        allowed_for = self._layer_masks(allowed, rows[:, None] - rows[None, :])
 
         def kv_fn_for_layer(extra, idx):
-            return (lambda k, v: (k, v, allowed)), (lambda: extra)
+            mask = allowed_for(idx)
+            return (lambda k, v: (k, v, mask)), (lambda: extra)
 
         x = self.embed_tokens(tokens_BxT, positions_BxT)
         x, _ = self._run_layers(x, positions_BxT, kv_fn_for_layer, select=select)
         return self.final_norm(x)
+
+    def _layer_masks(self, allowed_BxTxS, distance_TxS):
+        """layer index (int or traced) -> that layer's attention mask: `allowed` for full
+        layers, `allowed` & (distance < sliding_window) for sliding ones (`distance` = query
+        slot - key slot)."""
+        flags = self.cfg.sliding_layers()
+        if not any(flags):
+            return lambda idx: allowed_BxTxS
+        banded = allowed_BxTxS & (distance_TxS < self.cfg.sliding_window)[None]
+        if all(flags):
+            return lambda idx: banded
+        table = jnp.asarray(flags)
+
+        def pick(idx):
+            if isinstance(idx, int):
+                return banded if flags[idx] else allowed_BxTxS
+            return jnp.where(table[idx], banded, allowed_BxTxS)
+        return pick
 
     def last_hidden(self, tokens_BxT, mask_BxT):
         """Final-norm hidden state at each row's last real token [B, D] (`hidden` with
@@ -601,10 +637,11 @@ class Transformer(nnx.Module):
         slot = jnp.arange(s, dtype=jnp.int32)
         qpos = start + jnp.arange(t, dtype=jnp.int32)
         allowed_BxTxS = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
+        allowed_for = self._layer_masks(allowed_BxTxS, qpos[:, None] - slot[None, :])
         x = self.embed_tokens(tokens_BxT, positions_BxT)
         new_k, new_v = [], []
         for i, (block, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
-            def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache):
+            def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache, i=i):
                 ks = jax.lax.dynamic_update_slice(
                     k_cache, jnp.swapaxes(k_BxTxKxDh, 1, 2).astype(k_cache.dtype),
                     (zero, zero, start, zero))
@@ -615,7 +652,7 @@ class Transformer(nnx.Module):
                 new_v.append(vs)
                 dt = k_BxTxKxDh.dtype  # attend takes [B, S, K, Dh]; XLA folds the swap away
                 return (jnp.swapaxes(ks, 1, 2).astype(dt), jnp.swapaxes(vs, 1, 2).astype(dt),
-                        allowed_BxTxS)
+                        allowed_for(i))
             x = block(x, positions_BxT, kv_fn, select if i == len(layers) - 1 else None)
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
         return self.final_norm(x), cache
