@@ -64,7 +64,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxrlhf import sharding as shd
-from jaxrlhf.models.transformer import KVCache, Transformer, linear, positions_from_mask
+from jaxrlhf.models.transformer import KVCache, Transformer, positions_from_mask
 
 # Logit of a token removed by top-k/top-p: finite, so log-ratios stay finite (no inf - inf).
 _REMOVED = -1e30
@@ -291,7 +291,7 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     head_DxV = jax.lax.optimization_barrier(model.lm_head_weight())
 
     def sample_next(h_Bx1xD, noise_state):
-        logits_BxV = linear(h_Bx1xD, head_DxV).astype(jnp.float32)[:, 0]
+        logits_BxV = model.logits(h_Bx1xD, head_DxV)[:, 0]
         uniform_B = None
         if not opts.greedy:
             noise_state, uniform_B = _uniform_step(noise_state, (b,))

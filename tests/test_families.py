@@ -16,10 +16,19 @@ FAMILIES = {
                   layer_types=("full", "sliding")),
     "mistral": dict(family="mistral", sliding_window=4),
     "qwen2": dict(family="qwen2", qkv_bias=True, tie_embeddings=True),
+    "gemma2": dict(family="gemma2", mlp="geglu", norm_offset=1.0, post_norms=True,
+                   embed_scale=32 ** 0.5, query_pre_attn_scalar=16.0, attn_softcap=50.0,
+                   final_softcap=30.0, tie_embeddings=True, sliding_window=4,
+                   layer_types=("sliding", "full")),
+    "gemma3": dict(family="gemma3", mlp="geglu", norm_offset=1.0, post_norms=True,
+                   qk_norm=True, embed_scale=32 ** 0.5, query_pre_attn_scalar=16.0,
+                   tie_embeddings=True, sliding_window=4, layer_types=("sliding", "full"),
+                   rope_local_theta=10000.0),
     "gpt2": dict(family="gpt2", norm="layer", mlp="gelu", positions="learned", qkv_bias=True,
                  out_bias=True, mlp_bias=True, n_kv_heads=2, tie_embeddings=True),
 }
-HF_TYPE = {"qwen3": "qwen3", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+HF_TYPE = {"qwen3": "qwen3", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2",
+           "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -19,7 +19,8 @@ from jaxrlhf.models.hf_io import read_safetensors_raw
 from jaxrlhf.sharding import make_mesh
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = ("llama_gqa_sharded", "llama_tied", "qwen2", "qwen3", "mistral", "gpt2", "llama_seqcls")
+NAMES = ("llama_gqa_sharded", "llama_tied", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2",
+         "llama_seqcls")
 
 
 def _head(name):
@@ -298,8 +299,16 @@ def test_config_mapping_legacy_rope_keys_and_refusals():
 
     with open(os.path.join(FIXTURES, "qwen2", "config.json")) as fh:
         qwen = json.load(fh)
-    with pytest.raises(ValueError, match="use_sliding_window"):
-        config_from_hf(dict(qwen, use_sliding_window=True, sliding_window=16))
+    # Qwen2 sliding layers: from max_window_layers when config.json lists no layer_types
+    no_types = {k: v for k, v in qwen.items() if k != "layer_types"}
+    cfg = config_from_hf(dict(no_types, use_sliding_window=True, sliding_window=16,
+                              max_window_layers=1))
+    assert cfg.sliding_window == 16 and cfg.layer_types == ("full", "sliding")
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    with open(os.path.join(FIXTURES, "mistral", "config.json")) as fh:
+        mistral = json.load(fh)
+    with pytest.raises(ValueError, match="layer_types"):
+        config_from_hf(dict(mistral, layer_types=["sliding_attention", "full_attention"]))
     with pytest.raises(ValueError, match="rope type 'yarn'"):
         config_from_hf(dict(v5, rope_parameters={"rope_type": "yarn", "factor": 2.0}))
     with pytest.raises(ValueError, match="cannot be expressed"):

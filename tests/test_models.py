@@ -24,6 +24,13 @@ CONFIGS = {
                             layer_types=("full", "sliding")),
     "mistral_sliding": preset("tiny", d_model=64, mlp_dim=96, n_layers=2, family="mistral",
                               sliding_window=4),
+    # Gemma 3: (1 + w) norms, post-norms, GeGLU, embedding scale, q/k norms, soft-capping,
+    # layer 0 slides over 3 tokens with its own RoPE base
+    "gemma3_sliding": preset("tiny", d_model=64, mlp_dim=96, n_layers=2, family="gemma3",
+                             mlp="geglu", norm_offset=1.0, post_norms=True, qk_norm=True,
+                             embed_scale=8.0, query_pre_attn_scalar=24.0, attn_softcap=5.0,
+                             final_softcap=10.0, tie_embeddings=True, sliding_window=3,
+                             layer_types=("sliding", "full"), rope_local_theta=100.0),
     "gpt2": ModelConfig(family="gpt2", d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
                         mlp_dim=128, norm="layer", mlp="gelu", positions="learned",
                         max_positions=32, qkv_bias=True, out_bias=True, mlp_bias=True,

@@ -30,7 +30,8 @@ import shutil
 import numpy as np
 import torch
 import transformers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           LlamaForSequenceClassification, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -78,6 +79,24 @@ def _fixtures():
         "mistral": (MistralForCausalLM, MistralConfig(
             **common, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
             rms_norm_eps=1e-5, sliding_window=3), {}),
+        # (h) Gemma 2: (1 + w) norms before and after attention / MLP, GeGLU, sqrt(d) embedding
+        # scale, query_pre_attn_scalar, attention and final soft-capping (small caps, so they
+        # bite), layer 0 slides over 3 tokens, tied.
+        "gemma2": (Gemma2ForCausalLM, Gemma2Config(
+            **common, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+            query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            sliding_window=3, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+            {}),
+        # (i) Gemma 3 (text): + q/k (1 + w) norms, sliding layers with their own RoPE base,
+        # linear RoPE scaling on the global layers, 3 layers: sliding, sliding, full.
+        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8,
+            rms_norm_eps=1e-6, query_pre_attn_scalar=8, sliding_window=3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                    rope_theta=1000000.0),
+                             "sliding_attention": dict(rope_type="default",
+                                                       rope_theta=10000.0)}), {}),
     }
 
 

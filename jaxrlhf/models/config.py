@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2")
 
 # Remat policies selectable by name (see `jaxrlhf.models.transformer.remat_policy`).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -34,7 +34,8 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     Attributes:
-        family: "llama" | "qwen2" | "qwen3" | "mistral" | "gpt2"; used for HF export only.
+        family: "llama" | "qwen2" | "qwen3" | "mistral" | "gemma2" | "gemma3" | "gpt2"; used
+            for HF export only.
         vocab_size: V.
         d_model: hidden size D.
         n_layers: L, stacked and scanned.
@@ -44,14 +45,25 @@ class ModelConfig:
         mlp_dim: F, the MLP hidden size.
         norm: "rms" (RMSNorm) or "layer" (LayerNorm with bias).
         norm_eps: epsilon of the norm.
-        mlp: "swiglu" (down(silu(gate(x)) * up(x))) or "gelu" (fc -> gelu_tanh -> proj).
+        mlp: "swiglu" (down(silu(gate(x)) * up(x))), "geglu" (down(gelu_tanh(gate(x)) * up(x)),
+            Gemma) or "gelu" (fc -> gelu_tanh -> proj).
         positions: "rope" or "learned" (absolute position embeddings, GPT-2).
         max_positions: size of the learned position table (and a documented bound for RoPE).
         rope_theta: RoPE base.
         rope_scaling: None or an HF-style dict; `{"rope_type": "llama3", "factor", "low_freq_factor",
             "high_freq_factor", "original_max_position_embeddings"}` is supported.
         qkv_bias / out_bias / mlp_bias: bias on q,k,v projections / attention output / MLP.
-        qk_norm: RMSNorm over each head's dimension on queries and keys, before RoPE (Qwen3).
+        qk_norm: RMSNorm over each head's dimension on queries and keys, before RoPE (Qwen3,
+            Gemma 3).
+        norm_offset: RMSNorm scales by (norm_offset + w): 1.0 for Gemma (w starts at 0).
+        post_norms: a norm also after attention and after the MLP, before each residual add
+            (Gemma 2 / 3).
+        embed_scale: token embeddings are multiplied by this (Gemma: sqrt(d_model)).
+        query_pre_attn_scalar: attention logits are scaled by its -1/2 power (None: head_dim).
+        attn_softcap / final_softcap: c · tanh(x / c) on the attention logits / the LM logits
+            (Gemma 2; None = off).
+        rope_local_theta: RoPE base of the sliding layers (Gemma 3; None = rope_theta, the
+            global layers keep rope_theta and rope_scaling).
         sliding_window: W: a query at position i of a sliding layer attends keys at positions
             i - W < j <= i (None = no sliding layers).
         layer_types: per layer "full" or "sliding" (None = every layer "sliding" when
@@ -106,6 +118,13 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     qk_norm: bool = False
+    norm_offset: float = 0.0
+    post_norms: bool = False
+    embed_scale: float = 1.0
+    query_pre_attn_scalar: Optional[float] = None
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
+    rope_local_theta: Optional[float] = None
     sliding_window: Optional[int] = None
     layer_types: Optional[tuple] = None
     param_dtype: str = "float32"
@@ -125,8 +144,8 @@ class ModelConfig:
             raise ValueError(f"Unknown model family {self.family!r}; expected one of {FAMILIES}.")
         if self.norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {self.norm!r}.")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}.")
+        if self.mlp not in ("swiglu", "geglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu', 'geglu' or 'gelu', got {self.mlp!r}.")
         if self.positions not in ("rope", "learned"):
             raise ValueError(f"positions must be 'rope' or 'learned', got {self.positions!r}.")
         if self.remat not in REMAT_POLICIES:
@@ -169,8 +188,14 @@ class ModelConfig:
 
     def lora_target_names(self) -> tuple:
         """The projections of this architecture an adapter can target."""
-        mlp = ("gate", "up", "down") if self.mlp == "swiglu" else ("fc", "proj")
+        mlp = ("fc", "proj") if self.mlp == "gelu" else ("gate", "up", "down")
         return ("q", "k", "v", "o") + mlp
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor of the attention logits: query_pre_attn_scalar ** -1/2 (default
+        head_dim ** -1/2)."""
+        return float(self.query_pre_attn_scalar or self.dim_per_head) ** -0.5
 
     def lora_scale(self) -> float:
         return float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
@@ -216,11 +241,12 @@ class ModelConfig:
             attn += 2 * hd
         if self.out_bias:
             attn += d
-        mlp = (3 if self.mlp == "swiglu" else 2) * d * f
+        gated = self.mlp != "gelu"
+        mlp = (3 if gated else 2) * d * f
         if self.mlp_bias:
-            mlp += (2 * f if self.mlp == "swiglu" else f) + d
+            mlp += (2 * f if gated else f) + d
         norm = d * (2 if self.norm == "layer" else 1)
-        layer = attn + mlp + 2 * norm
+        layer = attn + mlp + (4 if self.post_norms else 2) * norm
         total = self.n_layers * layer + norm + self.vocab_size * d
         if self.positions == "learned":
             total += self.max_positions * d

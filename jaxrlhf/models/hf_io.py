@@ -58,6 +58,8 @@ _ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "model."),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "model."),
     "mistral": ("MistralForCausalLM", "MistralForSequenceClassification", "model."),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification", "model."),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification", "model."),
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "transformer."),
 }
 _SUPPORTED = ", ".join(f"{t} ({', '.join(_ARCHITECTURES[t][:2])})" for t in sorted(_ARCHITECTURES))
@@ -71,6 +73,9 @@ _IGNORABLE = (
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all are tanh-approximate GELU
+# ModelConfig.family of an HF model_type, where they differ
+_FAMILY = {"gemma3_text": "gemma3"}
+_MODEL_TYPE = {v: k for k, v in _FAMILY.items()}
 
 # safetensors dtype tags -> numpy dtypes (bf16/fp8 through ml_dtypes, which jax ships).
 _ST_DTYPES = {
@@ -90,6 +95,10 @@ def _model_type(hf: Mapping[str, Any]) -> str:
         for t, (lm_cls, cls_cls, _) in _ARCHITECTURES.items():
             if any(a in (lm_cls, cls_cls) for a in archs):
                 model_type = t
+    if model_type == "gemma3":
+        raise ValueError("model_type 'gemma3' is the multimodal Gemma 3; jaxrlhf loads the text "
+                         "model (model_type 'gemma3_text', Gemma3ForCausalLM: the 1B "
+                         "checkpoint, or the text_config of a larger one).")
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"Unsupported Hugging Face architecture: model_type={model_type!r}, "
                          f"architectures={archs}. Supported model types: {_SUPPORTED}.")
@@ -118,8 +127,11 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> Tuple[float, Optional[dict]]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
+    if kind == "linear":
+        return theta, {"rope_type": "linear", "factor": float(scaling["factor"])}
     if kind != "llama3":
-        raise ValueError(f"rope type {kind!r} is not supported; supported: 'default', 'llama3'.")
+        raise ValueError(f"rope type {kind!r} is not supported; supported: 'default', "
+                         "'linear', 'llama3'.")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if k not in scaling]
     if missing:
@@ -141,8 +153,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     ids = dict(pad_token_id=_single_id(hf, "pad_token_id"),
                bos_token_id=_single_id(hf, "bos_token_id"),
                eos_token_id=_single_id(hf, "eos_token_id"))
-    common = dict(family=model_type, vocab_size=int(hf["vocab_size"]), dtype=dtype,
-                  param_dtype=param_dtype, **ids)
+    common = dict(family=_FAMILY.get(model_type, model_type), vocab_size=int(hf["vocab_size"]),
+                  dtype=dtype, param_dtype=param_dtype, **ids)
+    if model_type in ("gemma2", "gemma3_text"):
+        return _gemma_from_hf(hf, model_type, common)
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in _GELU_TANH:
@@ -184,6 +198,62 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
+def _gemma_from_hf(hf: Mapping[str, Any], model_type: str, common) -> ModelConfig:
+    """Gemma 2 / Gemma 3 (text): (1 + w) RMSNorms before and after attention and the MLP,
+    GeGLU, embeddings times sqrt(d), query_pre_attn_scalar, soft-capping, sliding layers by
+    layer_types; Gemma 3 adds q/k norms and a RoPE base of its own for sliding layers."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _GELU_TANH:
+        raise ValueError(f"{model_type} hidden_activation={act!r} is not supported "
+                         f"(supported: {_GELU_TANH}).")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{model_type} with use_bidirectional_attention=true is not supported.")
+    n, d, h = int(hf["num_hidden_layers"]), int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    types = hf.get("layer_types")
+    if not types:
+        period = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+    window = hf.get("sliding_window")
+    if "sliding" in kinds and not window:
+        raise ValueError(f"{model_type}: layer_types has sliding layers but sliding_window is "
+                         "not set.")
+    rope = dict(hf.get("rope_parameters") or {})
+    local_theta = None
+    if "full_attention" in rope:   # Gemma 3, transformers 5: one RoPE per layer type
+        local = dict(rope.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"{model_type}: sliding layers with rope type "
+                             f"{local.get('rope_type')!r} are not supported.")
+        local_theta = float(local.get("rope_theta", 10000.0))
+        theta, scaling = _rope_from_hf(dict(rope_parameters=rope["full_attention"]))
+    else:
+        theta, scaling = _rope_from_hf(hf)
+        if model_type == "gemma3_text":
+            local_theta = float(hf.get("rope_local_base_freq", 10000.0))
+    # HF's defaults when config.json lacks the keys: Gemma 2 caps (50 / 30), Gemma 3 does not
+    g2 = model_type == "gemma2"
+    attn_cap = hf.get("attn_logit_softcapping", 50.0 if g2 else None)
+    final = hf.get("final_logit_softcapping", 30.0 if g2 else None)
+    attention_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        **common, d_model=d, n_layers=n, n_heads=h,
+        n_kv_heads=int(hf.get("num_key_value_heads") or h),
+        head_dim=int(hf.get("head_dim") or d // h), mlp_dim=int(hf["intermediate_size"]),
+        norm="rms", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="geglu",
+        positions="rope", max_positions=int(hf.get("max_position_embeddings", 8192)),
+        rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+        qkv_bias=attention_bias, out_bias=attention_bias, mlp_bias=False,
+        qk_norm=model_type == "gemma3_text", norm_offset=1.0, post_norms=True,
+        embed_scale=float(d) ** 0.5,
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256),
+        attn_softcap=float(attn_cap) if attn_cap else None,
+        final_softcap=float(final) if final else None,
+        sliding_window=int(window) if "sliding" in kinds else None,
+        layer_types=kinds if "sliding" in kinds else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+
 def _sliding_from_hf(hf: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
     """{sliding_window, layer_types} of a Llama / Qwen / Mistral config.json: Mistral slides
     on every layer when sliding_window is set; Qwen2 / Qwen3 on the layers whose layer_types
@@ -216,8 +286,16 @@ def _sliding_from_hf(hf: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
 
 def _check_exportable(cfg: ModelConfig) -> None:
     """Raises if `cfg` uses a combination its family's HF class cannot express."""
-    rope = dict(norm="rms", mlp="swiglu", positions="rope", qk_norm=False)
+    rope = dict(norm="rms", mlp="swiglu", positions="rope", qk_norm=False, norm_offset=0.0,
+                post_norms=False, embed_scale=1.0, attn_softcap=None, final_softcap=None,
+                query_pre_attn_scalar=None, rope_local_theta=None)
+    gemma = dict(rope, mlp="geglu", norm_offset=1.0, post_norms=True, mlp_bias=False,
+                 out_bias=cfg.qkv_bias, embed_scale=float(cfg.d_model) ** 0.5,
+                 attn_softcap=cfg.attn_softcap, final_softcap=cfg.final_softcap,
+                 query_pre_attn_scalar=cfg.query_pre_attn_scalar)
     want = {
+        "gemma2": dict(gemma, rope_local_theta=None),
+        "gemma3": dict(gemma, qk_norm=True, rope_local_theta=cfg.rope_local_theta or 1e4),
         "llama": dict(rope, sliding_window=None),
         "qwen2": dict(rope, qkv_bias=True, out_bias=False, mlp_bias=False),
         "qwen3": dict(rope, qk_norm=True, out_bias=cfg.qkv_bias, mlp_bias=False),
@@ -226,7 +304,8 @@ def _check_exportable(cfg: ModelConfig) -> None:
         "gpt2": dict(norm="layer", mlp="gelu", positions="learned", qkv_bias=True,
                      out_bias=True, mlp_bias=True, n_kv_heads=cfg.n_heads,
                      dim_per_head=cfg.d_model // cfg.n_heads, qk_norm=False,
-                     sliding_window=None),
+                     sliding_window=None, post_norms=False, embed_scale=1.0,
+                     attn_softcap=None, final_softcap=None, norm_offset=0.0),
     }[cfg.family]
     if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:
         want["out_bias"] = cfg.qkv_bias  # HF Llama has one switch (attention_bias) for both
@@ -245,9 +324,10 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> Dict[str, Any]:
     `rope_scaling` (transformers 4) so either version loads it.
     """
     _check_exportable(cfg)
-    lm_cls, cls_cls, _ = _ARCHITECTURES[cfg.family]
+    model_type = _MODEL_TYPE.get(cfg.family, cfg.family)
+    lm_cls, cls_cls, _ = _ARCHITECTURES[model_type]
     out: Dict[str, Any] = {"architectures": [lm_cls if head == "lm" else cls_cls],
-                           "model_type": cfg.family}
+                           "model_type": model_type}
     if cfg.family == "gpt2":
         d = cfg.d_model
         out.update(
@@ -258,6 +338,8 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> Dict[str, Any]:
             resid_pdrop=0.1, scale_attn_by_inverse_layer_idx=False, scale_attn_weights=True,
             summary_activation=None, summary_first_dropout=0.1, summary_proj_to_labels=True,
             summary_type="cls_index", summary_use_proj=True)
+    elif cfg.family in ("gemma2", "gemma3"):
+        out.update(_gemma_to_hf(cfg))
     else:
         scaling = dict(cfg.rope_scaling or ())
         rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **scaling}
@@ -278,7 +360,7 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> Dict[str, Any]:
             types = ["sliding_attention" if x else "full_attention" for x in sliding]
             # HF derives layer_types from max_window_layers when they are not given; both
             # are written, consistent with each other when the sliding layers are a suffix.
-            first = next((i for i, x in enumerate(sliding) if x), cfg.n_layers)
+            first = next((i for i, x in enumerate(sliding) if x), 28)   # 28: HF's default
             out.update(layer_types=types, max_window_layers=first,
                        sliding_window=cfg.sliding_window, use_sliding_window=any(sliding))
             if cfg.family == "qwen3":
@@ -292,6 +374,34 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> Dict[str, Any]:
     if head == "score":
         out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return dict(sorted(out.items()))
+
+
+def _gemma_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
+    """The Gemma 2 / Gemma 3 (text) config.json keys of `cfg`."""
+    scaling = dict(cfg.rope_scaling or ())
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **scaling}
+    sliding = cfg.sliding_layers()
+    out = dict(
+        attention_bias=cfg.qkv_bias, attention_dropout=0.0,
+        attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
+        head_dim=cfg.dim_per_head, hidden_activation="gelu_pytorch_tanh",
+        hidden_size=cfg.d_model, initializer_range=0.02, intermediate_size=cfg.mlp_dim,
+        layer_types=["sliding_attention" if x else "full_attention" for x in sliding],
+        max_position_embeddings=cfg.max_positions, num_attention_heads=cfg.n_heads,
+        num_hidden_layers=cfg.n_layers, num_key_value_heads=cfg.n_kv_heads,
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.dim_per_head),
+        rms_norm_eps=cfg.norm_eps, sliding_window=cfg.sliding_window)
+    if cfg.family == "gemma2":
+        out.update(rope_parameters=rope, use_bidirectional_attention=None)
+    else:
+        local = {"rope_theta": cfg.rope_local_theta, "rope_type": "default"}
+        out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                   use_bidirectional_attention=False, _sliding_window_pattern=6)
+    return out
+
+
+def _int_if_whole(x: float):
+    return int(x) if float(x).is_integer() else float(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,8 +480,9 @@ def _rules(cfg: ModelConfig, head: str) -> List[_Rule]:
             _one(("final_norm", "scale"), "norm.weight"),
             _one(("layers", "attn_norm", "scale"), "layers.{i}.input_layernorm.weight",
                  layered=True),
-            _one(("layers", "mlp_norm", "scale"), "layers.{i}.post_attention_layernorm.weight",
-                 layered=True),
+            _one(("layers", "mlp_norm", "scale"),
+                 "layers.{i}." + ("pre_feedforward_layernorm" if cfg.post_norms
+                                  else "post_attention_layernorm") + ".weight", layered=True),
             _linear(("layers", "attn", "wq"), a + "q_proj.weight", (d,), (h, dh)),
             _linear(("layers", "attn", "wk"), a + "k_proj.weight", (d,), (k, dh)),
             _linear(("layers", "attn", "wv"), a + "v_proj.weight", (d,), (k, dh)),
@@ -391,6 +502,11 @@ def _rules(cfg: ModelConfig, head: str) -> List[_Rule]:
         if cfg.qk_norm:
             rules += [_one(("layers", "attn", n), a + f"{n}.weight", layered=True)
                       for n in ("q_norm", "k_norm")]
+        if cfg.post_norms:   # Gemma: attention and MLP outputs normed before the residual
+            rules += [_one(("layers", "post_attn_norm", "scale"),
+                           "layers.{i}.post_attention_layernorm.weight", layered=True),
+                      _one(("layers", "post_mlp_norm", "scale"),
+                           "layers.{i}.post_feedforward_layernorm.weight", layered=True)]
     if head == "lm" and not cfg.tie_embeddings:
         rules.append(_one(("lm_head",), "lm_head.weight", load=lambda w: w.T,
                           save=lambda p: p.T, top_level=True))
@@ -517,7 +633,7 @@ def load_hf(path: str, head: str = "lm", dtype=None, *, param_dtype=None, mesh=N
     hf_config = read_json(config_file)
     cfg = config_from_hf(hf_config, dtype=_dtype_name(dtype, "float32"),
                          param_dtype=_dtype_name(param_dtype, "float32"))
-    prefix = _ARCHITECTURES[cfg.family][2]
+    prefix = _ARCHITECTURES[_MODEL_TYPE.get(cfg.family, cfg.family)][2]
     graphdef, abstract = jax.eval_shape(
         lambda: nnx.split(Transformer(cfg, head=head, rngs=nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(abstract))
@@ -635,7 +751,7 @@ def save_hf(model: Transformer, path: str, *, pad_token_id: Optional[int] = None
     def get(p: Path) -> np.ndarray:
         return np.asarray(jax.device_get(state[p].get_value()))
 
-    prefix = _ARCHITECTURES[cfg.family][2]
+    prefix = _ARCHITECTURES[_MODEL_TYPE.get(cfg.family, cfg.family)][2]
     tensors: Dict[str, np.ndarray] = {}
     for rule in _rules(cfg, head):
         params = [get(p) for p in rule.flax]

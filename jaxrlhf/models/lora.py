@@ -17,7 +17,7 @@ dict and (trainable, base). Exports:
   * `save_peft` / `load_peft`: the PEFT adapter format (adapter_config.json +
     adapter_model.safetensors with PEFT's tensor names: lora_A.weight [r, in], lora_B.weight
     [out, r] in HF's [out, in] layout; a reward model's score head under "score.weight", as
-    PEFT's modules_to_save stores it) for the Llama / Qwen2 families.
+    PEFT's modules_to_save stores it) for every family but GPT-2.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from jaxrlhf.models.transformer import Transformer, lora_in_dims
 HEAD_KEYS = ("score_w", "score_b")   # a score head trains with the adapters
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-# Our target names -> the HF module names PEFT's target_modules use (Llama / Qwen2).
+# Our target names -> the HF module names PEFT's target_modules use (every family but GPT-2).
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
               "down": "mlp.down_proj"}
@@ -199,8 +199,9 @@ def save_peft(model: Transformer, out_dir: str, *, base_model: str = "",
     cfg = model.cfg
     if not cfg.lora_rank:
         raise ValueError("save_peft: the model has no adapters (lora.rank = 0).")
-    if cfg.family not in ("llama", "qwen2"):
-        raise ValueError(f"PEFT adapter export supports the llama and qwen2 families, not "
+    if cfg.family == "gpt2":
+        raise ValueError(f"PEFT adapter export supports the llama, qwen, mistral and gemma "
+                         f"families, not "
                          f"{cfg.family!r} (GPT-2 fuses q|k|v in one c_attn module); the merged "
                          "HF export holds the trained model.")
     tensors = {}

@@ -149,11 +149,18 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def rms_norm(x, scale, eps: float):
-    """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype."""
+def rms_norm(x, scale, eps: float, offset: float = 0.0):
+    """x / rms(x) * (offset + scale) over the last axis, computed in float32, returned in x's
+    dtype (offset 1 with a zero-initialised scale: Gemma)."""
     y = x.astype(jnp.float32)
     y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + eps)
-    return (y * _bcast(scale.astype(jnp.float32), y.ndim)).astype(x.dtype)
+    w = scale.astype(jnp.float32) + offset if offset else scale.astype(jnp.float32)
+    return (y * _bcast(w, y.ndim)).astype(x.dtype)
+
+
+def softcap(x, cap):
+    """cap · tanh(x / cap) (Gemma 2's soft-capping); identity when cap is None."""
+    return x if not cap else jnp.tanh(x / cap) * cap
 
 
 class Norm(nnx.Module):
@@ -162,13 +169,15 @@ class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
-        self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
+        self.offset = float(cfg.norm_offset)
+        self.scale = _param(rngs, (cfg.d_model,), ("embed",), cfg,
+                            init="zeros" if cfg.norm_offset else "ones")
         if cfg.norm == "layer":
             self.bias = _param(rngs, (cfg.d_model,), ("embed",), cfg, init="zeros")
 
     def __call__(self, x):
         if self.kind == "rms":
-            return rms_norm(x, self.scale[...], self.eps)
+            return rms_norm(x, self.scale[...], self.eps, self.offset)
         dtype = x.dtype
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
@@ -178,17 +187,21 @@ class Norm(nnx.Module):
                 + _bcast(self.bias[...].astype(jnp.float32), x.ndim)).astype(dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Inverse RoPE frequencies [Dh/2], with llama3-style frequency scaling when configured."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse RoPE frequencies [Dh/2], with llama3-style or linear frequency scaling when
+    configured; `local`: a sliding layer's (base rope_local_theta, no scaling)."""
     dh = cfg.dim_per_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     scaling = dict(cfg.rope_scaling or ())
     kind = scaling.get("rope_type", scaling.get("type"))
-    if not scaling or kind == "default":
+    if local or not scaling or kind == "default":
         return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
     if kind != "llama3":
         raise NotImplementedError(
-            f"rope_scaling type {kind!r} is not supported (supported: 'llama3').")
+            f"rope_scaling type {kind!r} is not supported (supported: 'llama3', 'linear').")
     factor = float(scaling["factor"])
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))
@@ -248,13 +261,15 @@ class Attention(nnx.Module):
         if cfg.out_bias:
             self.bo = _param(rngs, (d,), ("embed",), cfg, init="zeros")
         if cfg.qk_norm:
-            self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init="ones")
-            self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init="ones")
+            init = "zeros" if cfg.norm_offset else "ones"
+            self.q_norm = _param(rngs, (dh,), ("head_dim",), cfg, init=init)
+            self.k_norm = _param(rngs, (dh,), ("head_dim",), cfg, init=init)
         _add_adapters(self, cfg, rngs, "attn")
 
-    def qkv(self, x_BxTxD, positions_BxT, select=None):
+    def qkv(self, x_BxTxD, positions_BxT, select=None, local=None):
         """Queries [B, T, H, Dh] and keys / values [B, T, K, Dh]; with `select` (see
-        `select_rows`) the queries only at the selected rows, [B, Q, H, Dh]."""
+        `select_rows`) the queries only at the selected rows, [B, Q, H, Dh]. `local`: the
+        layer is a sliding one (its RoPE base is rope_local_theta when that is set)."""
         cfg, dt = self.cfg, x_BxTxD.dtype
         # Projections as flat [D, N*Dh] matmuls (a free reshape of the [D, N, Dh] weights).
         # (One matmul over concatenated q/k/v weights was ~2-7% faster on 2 CPU cores but
@@ -272,10 +287,12 @@ class Attention(nnx.Module):
             k = k + _bcast(self.bk[...].astype(dt), 4)
             v = v + _bcast(self.bv[...].astype(dt), 4)
         if cfg.qk_norm:
-            q = rms_norm(q, self.q_norm[...], cfg.norm_eps)
-            k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
+            q = rms_norm(q, self.q_norm[...], cfg.norm_eps, cfg.norm_offset)
+            k = rms_norm(k, self.k_norm[...], cfg.norm_eps, cfg.norm_offset)
         if cfg.positions == "rope":
             inv_freq = rope_inv_freq(cfg)
+            if cfg.rope_local_theta is not None and local is not None:
+                inv_freq = jnp.where(local, rope_inv_freq(cfg, local=True), inv_freq)
             q = apply_rope(q, q_pos, inv_freq)
             k = apply_rope(k, positions_BxT, inv_freq)
         return q, k, v
@@ -287,7 +304,7 @@ class Attention(nnx.Module):
         kh = cfg.n_kv_heads
         q = q_BxTxHxDh.reshape(b, t, kh, h // kh, dh)
         logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh).astype(jnp.float32)
-        logits = logits * (1.0 / math.sqrt(dh))
+        logits = softcap(logits * cfg.attn_scale, cfg.attn_softcap)
         logits = jnp.where(allowed_BxTxS[:, None, None, :, :], logits, _MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
         # Output with the batch dims (b, k) leading, then transpose: XLA's CPU dot then needs
@@ -309,7 +326,7 @@ class MLP(nnx.Module):
         self.cfg = cfg
         d, f = cfg.d_model, cfg.mlp_dim
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in ("swiglu", "geglu"):
             self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg, std=0.02)
             self.w_up = _param(rngs, (d, f), ("embed", "mlp"), cfg, std=0.02)
             self.w_down = _param(rngs, (f, d), ("mlp", "embed"), cfg, std=out_std)
@@ -337,6 +354,9 @@ class MLP(nnx.Module):
         if cfg.mlp == "swiglu":
             h = swiglu(dense(x_BxTxD, "gate"), dense(x_BxTxD, "up"))
             return dense(h, "down")
+        if cfg.mlp == "geglu":
+            h = jax.nn.gelu(dense(x_BxTxD, "gate"), approximate=True) * dense(x_BxTxD, "up")
+            return dense(h, "down")
         return dense(jax.nn.gelu(dense(x_BxTxD, "fc"), approximate=True), "proj")
 
 
@@ -344,21 +364,29 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.post_norms = cfg.post_norms
         self.attn_norm = Norm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = Norm(cfg, rngs=rngs)
+            self.post_mlp_norm = Norm(cfg, rngs=rngs)
 
-    def __call__(self, x, positions_BxT, kv_fn, select=None):
+    def __call__(self, x, positions_BxT, kv_fn, select=None, local=None):
         """`kv_fn(k, v) -> (keys, values, allowed)` supplies the attended keys (cache or not).
         With `select` (see `select_rows`) the block computes its output only at the selected
-        rows [B, Q, D]: queries, attention output and MLP there, keys and values everywhere."""
-        q, k, v = self.attn.qkv(self.attn_norm(x), positions_BxT, select)
+        rows [B, Q, D]: queries, attention output and MLP there, keys and values everywhere.
+        `local`: whether this is a sliding layer (its RoPE base, `Attention.qkv`). With
+        post_norms (Gemma) each branch is normed again before its residual add."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions_BxT, select, local)
         keys, values, allowed = kv_fn(k, v)
         if select is not None:
             x, allowed = select_rows(x, select), select_rows(allowed, select)
-        x = x + self.attn.attend(q, keys, values, allowed)
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn.attend(q, keys, values, allowed)
+        x = x + (self.post_attn_norm(a) if self.post_norms else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + (self.post_mlp_norm(m) if self.post_norms else m)
 
 
 class KVCache(NamedTuple):
@@ -428,7 +456,10 @@ class Transformer(nnx.Module):
     # ----------------------------------------------------------------------------------
     def embed_tokens(self, tokens_BxT, positions_BxT):
         dt = self.cfg.jnp_dtype
-        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        if self.cfg.embed_scale != 1.0:   # HF multiplies in the weight's dtype
+            x = x * jnp.asarray(self.cfg.embed_scale, x.dtype)
+        x = x.astype(dt)
         if self.cfg.positions == "learned":
             x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
         return x
@@ -446,7 +477,7 @@ class Transformer(nnx.Module):
             def step(h, extra, layer_state, idx):
                 block = nnx.merge(graphdef, layer_state)
                 kv_fn, get_extra = kv_fn_for_layer(extra, idx)
-                return block(h, positions_BxT, kv_fn, select), get_extra()
+                return block(h, positions_BxT, kv_fn, select, self._is_local(idx)), get_extra()
             if policy is None:
                 return step
             return jax.checkpoint(step, policy=policy, prevent_cse=False)
@@ -512,6 +543,16 @@ class Transformer(nnx.Module):
         x, _ = self._run_layers(x, positions_BxT, kv_fn_for_layer, select=select)
         return self.final_norm(x)
 
+    def _is_local(self, idx):
+        """Whether layer `idx` (int or traced) is a sliding layer, when that changes its RoPE
+        (rope_local_theta); None otherwise."""
+        if self.cfg.rope_local_theta is None or not self.cfg.positions == "rope":
+            return None
+        flags = self.cfg.sliding_layers()
+        if isinstance(idx, int):
+            return flags[idx]
+        return jnp.asarray(flags)[idx]
+
     def _layer_masks(self, allowed_BxTxS, distance_TxS):
         """layer index (int or traced) -> that layer's attention mask: `allowed` for full
         layers, `allowed` & (distance < sliding_window) for sliding ones (`distance` = query
@@ -542,7 +583,11 @@ class Transformer(nnx.Module):
         if self.head == "score":
             s = h_BxTxD @ self.score_w[...].astype(dt)
             return s.astype(jnp.float32) + self.score_b[...].astype(jnp.float32)
-        return linear(h_BxTxD, self.lm_head_weight()).astype(jnp.float32)
+        return self.logits(h_BxTxD, self.lm_head_weight())
+
+    def logits(self, h, w_DxV):
+        """The LM logits h @ W in float32, soft-capped when the config says so (Gemma 2)."""
+        return softcap(linear(h, w_DxV).astype(jnp.float32), self.cfg.final_softcap)
 
     def lm_head_weight(self):
         """The LM head's [D, V] weight (the embedding's transpose when tied)."""
@@ -583,7 +628,7 @@ class Transformer(nnx.Module):
 
         @jax.checkpoint
         def chunk(w, h_c, *xs):
-            return fn(linear(h_c, w).astype(jnp.float32), *xs)
+            return fn(self.logits(h_c, w), *xs)
 
         out = jax.lax.map(lambda xs: chunk(w, *xs),
                           (chunks(h_BxTxD), *(chunks(x) for x in per_position)))
@@ -653,7 +698,8 @@ class Transformer(nnx.Module):
                 dt = k_BxTxKxDh.dtype  # attend takes [B, S, K, Dh]; XLA folds the swap away
                 return (jnp.swapaxes(ks, 1, 2).astype(dt), jnp.swapaxes(vs, 1, 2).astype(dt),
                         allowed_for(i))
-            x = block(x, positions_BxT, kv_fn, select if i == len(layers) - 1 else None)
+            x = block(x, positions_BxT, kv_fn, select if i == len(layers) - 1 else None,
+                      self._is_local(i))
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
         return self.final_norm(x), cache
 
