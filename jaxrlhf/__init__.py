@@ -1,7 +1,7 @@
 """jaxrlhf: the InstructGPT RLHF recipe in JAX / Flax NNX.
 
 Layout (one concept per module):
-  models/       decoder-only transformer (Llama / Qwen2 / GPT-2 families), HF weight I/O
+  models/       decoder-only transformer (Llama, Qwen2/3, Mistral, Gemma 2/3, GPT-2), HF I/O, LoRA
   objectives/   pure RLHF math: ranking losses, KL, GAE, PPO-ptx
   data/         datasets, tokenizers, batching, the built-in synthetic task
   generation.py jit-compiled KV-cache sampler

@@ -313,3 +313,42 @@ def test_config_mapping_legacy_rope_keys_and_refusals():
         config_from_hf(dict(v5, rope_parameters={"rope_type": "yarn", "factor": 2.0}))
     with pytest.raises(ValueError, match="cannot be expressed"):
         config_to_hf(config_from_hf(qwen).replace(out_bias=True))
+
+
+FAMILY_FIXTURES = ("qwen3", "mistral", "gemma2", "gemma3")
+
+
+@pytest.mark.parametrize("name", FAMILY_FIXTURES)
+def test_score_head_of_every_family_round_trips(name, tmp_path):
+    """A reward model of each family: exported with its family's SequenceClassification class
+    and read back with the same scores."""
+    with pytest.warns(UserWarning, match="score head is freshly initialised"):
+        rm = load_hf(os.path.join(FIXTURES, name), head="score")   # a CausalLM checkpoint
+    save_hf(rm, str(tmp_path))
+    with open(tmp_path / "config.json") as fh:
+        arch = json.load(fh)["architectures"][0]
+    assert arch.endswith("ForSequenceClassification"), arch
+    ref = _ref(name)
+    want = forward(rm, ref["padded_tokens"], ref["padded_mask"])
+    again = load_quiet(str(tmp_path), "score")
+    np.testing.assert_array_equal(forward(again, ref["padded_tokens"], ref["padded_mask"]), want)
+
+
+@pytest.mark.parametrize("name", FAMILY_FIXTURES)
+def test_transformers_scores_our_reward_model_export(name, tmp_path):
+    """Opt-in (needs torch, not in CI): transformers' AutoModelForSequenceClassification loads
+    the export of each family's reward model and scores it identically at every position."""
+    torch = pytest.importorskip("torch")
+    with pytest.warns(UserWarning, match="score head is freshly initialised"):
+        rm = load_hf(os.path.join(FIXTURES, name), head="score")
+    save_hf(rm, str(tmp_path))
+    with open(tmp_path / "config.json") as fh:
+        arch = json.load(fh)["architectures"][0]
+    ref = _ref(name)
+    import transformers
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    assert type(hf).__name__ == arch
+    toks = torch.as_tensor(ref["tokens"], dtype=torch.long)
+    with torch.no_grad():
+        per_pos = hf.score(hf.base_model(input_ids=toks).last_hidden_state)[..., 0].numpy()
+    assert_close(per_pos, forward(rm, ref["tokens"], ref["mask"]), np.abs(per_pos).max())

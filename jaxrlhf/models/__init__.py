@@ -1,5 +1,6 @@
-"""Decoder-only transformer models (Llama / Qwen2 / GPT-2 families), HF weight I/O, and reward
-models as functions (one model or a stacked ensemble: `jaxrlhf.models.reward`)."""
+"""Decoder-only transformer models (Llama, Qwen2/3, Mistral, Gemma 2/3, GPT-2), HF weight I/O,
+low-rank adapters (`jaxrlhf.models.lora`), and reward models as functions (one model or a
+stacked ensemble: `jaxrlhf.models.reward`)."""
 from jaxrlhf.models.config import ModelConfig, preset
 from jaxrlhf.models.transformer import (KVCache, Transformer, gather_last, init_model,
                                         last_token_index, positions_from_mask)
