@@ -28,6 +28,12 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
+        # Accelerator builds of jax (same version bounds as install_requires): NVIDIA GPUs
+        # with a CUDA 12 driver (>= 525; Colab, most hosts) or CUDA 13 (>= 580), Cloud TPU VMs.
+        "cuda": ["jax[cuda12]>=0.7,<0.13"],
+        "cuda12": ["jax[cuda12]>=0.7,<0.13"],
+        "cuda13": ["jax[cuda13]>=0.7,<0.13"],
+        "tpu": ["jax[tpu]>=0.7,<0.13"],
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",

@@ -29,6 +29,20 @@ LORA_TARGETS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"),
                 "down": ("mlp", "w_down"), "fc": ("mlp", "w_fc"), "proj": ("mlp", "w_proj")}
 
 
+ACCELERATORS = ("gpu", "tpu", "cuda", "rocm")
+
+
+def resolve_dtype(name: str, backend: Optional[str] = None) -> str:
+    """A compute dtype name with "auto" resolved: bfloat16 on GPU / TPU (fp32 master weights
+    stay in param_dtype), float32 on CPU (where bf16 matmuls are slower, not faster)."""
+    if name != "auto":
+        return name
+    if backend is None:
+        import jax
+        backend = jax.default_backend()
+    return "bfloat16" if backend in ACCELERATORS else "float32"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only transformer.
@@ -70,7 +84,9 @@ class ModelConfig:
             sliding_window is set, e.g. Mistral; else every layer "full").
         tie_embeddings: LM head shares the token embedding matrix.
         param_dtype: storage dtype of parameters ("float32" or "bfloat16").
-        dtype: compute dtype of activations and matmuls (params are cast at use).
+        dtype: compute dtype of activations and matmuls (params are cast at use); "auto" (the
+            default) = bfloat16 on a GPU or TPU backend, float32 on CPU (`resolve_dtype`),
+            fixed when the config is made.
         remat: remat policy name applied to each scanned layer: "none", "full" (save nothing),
             "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
         scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); 1 keeps
@@ -128,7 +144,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     layer_types: Optional[tuple] = None
     param_dtype: str = "float32"
-    dtype: str = "float32"
+    dtype: str = "auto"
     remat: str = "none"
     scan_unroll: Optional[int] = None
     logits_chunk: Optional[int] = None
@@ -140,6 +156,8 @@ class ModelConfig:
     lora_targets: tuple = ()
 
     def __post_init__(self):
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", resolve_dtype("auto"))
         if self.family not in FAMILIES:
             raise ValueError(f"Unknown model family {self.family!r}; expected one of {FAMILIES}.")
         if self.norm not in ("rms", "layer"):

@@ -141,7 +141,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> Tuple[float, Optional[dict]]:
     return theta, out
 
 
-def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
+def config_from_hf(hf: Mapping[str, Any], *, dtype: str = "auto",
                    param_dtype: str = "float32") -> ModelConfig:
     """A `ModelConfig` from a Hugging Face config.json dict (Llama, Qwen2, Qwen3, Mistral or
     GPT-2; sliding-window layers of Mistral / Qwen included).
@@ -604,7 +604,9 @@ class _Checkpoint(contextlib.ExitStack):
 # Loading.
 
 def _dtype_name(dtype, default: str) -> str:
-    return default if dtype is None else jnp.dtype(dtype).name
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return default
+    return jnp.dtype(dtype).name
 
 
 def load_hf(path: str, head: str = "lm", dtype=None, *, param_dtype=None, mesh=None,
@@ -615,7 +617,8 @@ def load_hf(path: str, head: str = "lm", dtype=None, *, param_dtype=None, mesh=N
         path: directory with config.json and model.safetensors or a sharded
             model.safetensors.index.json.
         head: "lm" (logits_BxTxV) or "score" (scores_BxT, a reward model).
-        dtype: compute dtype (default float32). param_dtype: storage dtype (default float32).
+        dtype: compute dtype (default "auto": bfloat16 on GPU / TPU, float32 on CPU).
+            param_dtype: storage dtype (default float32).
         mesh, rules: place each parameter, straight from host memory, into its NamedSharding
             from `jaxrlhf.sharding.state_shardings` (no full copy on one device).
 
@@ -631,7 +634,7 @@ def load_hf(path: str, head: str = "lm", dtype=None, *, param_dtype=None, mesh=N
             f"{config_file} does not exist. load_hf reads local checkpoint directories only "
             "(download a Hub model first, e.g. huggingface_hub.snapshot_download).")
     hf_config = read_json(config_file)
-    cfg = config_from_hf(hf_config, dtype=_dtype_name(dtype, "float32"),
+    cfg = config_from_hf(hf_config, dtype=_dtype_name(dtype, "auto"),
                          param_dtype=_dtype_name(param_dtype, "float32"))
     prefix = _ARCHITECTURES[_MODEL_TYPE.get(cfg.family, cfg.family)][2]
     graphdef, abstract = jax.eval_shape(

@@ -1,0 +1,37 @@
+"""`python -m jaxrlhf.env` and the backend-aware `dtype: "auto"`."""
+import json
+import os
+import subprocess
+import sys
+
+from trainer_utils import REPO, load_config
+
+from jaxrlhf import env
+from jaxrlhf.models.config import ModelConfig, preset, resolve_dtype
+
+
+def test_auto_dtype_is_bf16_on_accelerators_and_fp32_on_cpu():
+    assert resolve_dtype("auto", "gpu") == "bfloat16"
+    assert resolve_dtype("auto", "tpu") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert ModelConfig().dtype == "float32"          # this test process runs on CPU
+    assert preset("tiny").param_dtype == "float32"   # master weights stay fp32
+
+
+def test_describe_reports_the_mesh_and_model_of_a_config():
+    c = load_config("ppo", "lora=8")
+    c.mesh.data, c.mesh.fsdp = 2, 4
+    report = env.describe(c)
+    assert report["backend"] == "cpu" and report["devices"] == 8
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert report["model"]["dtype"] == "float32" and report["lora"]["rank"] == 8
+    assert report["dtype_auto"] == "float32"
+
+
+def test_cli_prints_json():
+    out = subprocess.run([sys.executable, "-m", "jaxrlhf.env", "--json", "--config",
+                          os.path.join(REPO, "configs", "tiny_pipeline.py")],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    report = json.loads(out.stdout)
+    assert report["stage"] == "pipeline" and report["model"]["preset"] == "tiny"
