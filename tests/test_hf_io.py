@@ -319,6 +319,19 @@ FAMILY_FIXTURES = ("qwen3", "mistral", "gemma2", "gemma3")
 
 
 @pytest.mark.parametrize("name", FAMILY_FIXTURES)
+def test_greedy_tokens_match_transformers_generate(name):
+    """jaxrlhf's greedy decoding (prefill + KV cache) of the left-padded batch gives the tokens
+    HF generate gave, 8 of them: past every sliding window of the fixtures."""
+    from jaxrlhf.generation import generate
+    ref = _ref(name)
+    want = ref["greedy_tokens"]
+    model = fixture_model(name)
+    res = generate(model, ref["padded_tokens"], ref["padded_mask"], jax.random.key(0),
+                   max_new_tokens=want.shape[1], eos_id=-1, pad_id=0, greedy=True)
+    np.testing.assert_array_equal(np.asarray(res.response_tokens), want)
+
+
+@pytest.mark.parametrize("name", FAMILY_FIXTURES)
 def test_score_head_of_every_family_round_trips(name, tmp_path):
     """A reward model of each family: exported with its family's SequenceClassification class
     and read back with the same scores."""
@@ -352,3 +365,23 @@ def test_transformers_scores_our_reward_model_export(name, tmp_path):
     with torch.no_grad():
         per_pos = hf.score(hf.base_model(input_ids=toks).last_hidden_state)[..., 0].numpy()
     assert_close(per_pos, forward(rm, ref["tokens"], ref["mask"]), np.abs(per_pos).max())
+
+
+@pytest.mark.parametrize("name", FAMILY_FIXTURES)
+def test_transformers_loads_our_lm_export(name, tmp_path):
+    """Opt-in (needs torch, not in CI): AutoModelForCausalLM.from_pretrained on our export of
+    each new family gives our logits on the left-padded batch."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    model = fixture_model(name)
+    save_hf(model, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ref = _ref(name)
+    mask = torch.as_tensor(ref["padded_mask"], dtype=torch.long)
+    pos = torch.clamp(torch.cumsum(mask, -1) - 1, min=0)
+    with torch.no_grad():
+        got = hf(input_ids=torch.as_tensor(ref["padded_tokens"], dtype=torch.long),
+                 attention_mask=mask, position_ids=pos).logits.numpy()
+    want = forward(model, ref["padded_tokens"], ref["padded_mask"])
+    real = ref["padded_mask"].astype(bool)
+    assert_close(got[real], want[real], np.abs(want).max())

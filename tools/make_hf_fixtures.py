@@ -15,6 +15,8 @@ themselves never import torch):
                                           explicitly (what HF `generate` does)
     pooled_scores, padded_pooled_scores   sequence-classification models only: HF's own
                                           pooled score at the last non-pad token
+    greedy_tokens                         the families in GREEDY: HF generate's greedy
+                                          continuation (GREEDY_TOKENS) of the padded batch
 
 HF initialises biases to zero and norms to one, and uses small init ranges; every parameter
 is redrawn here (norm scales ~ 1 + noise, biases ~ noise) so the tests really check them.
@@ -144,6 +146,25 @@ def _forward(model, tokens, mask):
         return out.numpy(), None
 
 
+GREEDY_TOKENS = 8
+# Fixtures that also store HF's greedy continuation of the left-padded batch (the families
+# whose sliding windows the 8 new tokens run past).
+GREEDY = ("qwen3", "mistral", "gemma2", "gemma3")
+
+
+def _greedy(model, tokens, mask):
+    """greedy_tokens [B, GREEDY_TOKENS]: HF `generate` (no sampling, no early stop) from the
+    left-padded batch."""
+    gen = model.generation_config
+    gen.eos_token_id = None   # no stop token: exactly GREEDY_TOKENS, nothing suppressed
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                             max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=PAD,
+                             generation_config=gen)
+    return out[:, tokens.shape[1]:].numpy().astype(np.int32)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests",
@@ -173,6 +194,8 @@ def main():
                    padded_mask=padded_mask, padded_logits=padded_logits)
         if pooled is not None:
             ref.update(pooled_scores=pooled, padded_pooled_scores=padded_pooled)
+        elif name in GREEDY:
+            ref["greedy_tokens"] = _greedy(model, padded_tokens, padded_mask)
         np.savez_compressed(os.path.join(path, "reference.npz"), **ref)
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         print(f"{name:20s} {size / 1024:7.1f} KiB  {sorted(os.listdir(path))}")
