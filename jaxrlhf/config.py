@@ -32,7 +32,8 @@ are an error):
                full fine-tuning): what is trained, checkpointed and exported
   mesh         device mesh axis sizes {data, fsdp, tensor}; one may be -1 (= the rest)
   distributed  call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is
-               set in the environment)
+               set in the environment; JAX_NUM_PROCESSES / JAX_PROCESS_ID are passed on for a
+               launch by hand)
   sft | rm | dpo | ppo (+ ptx_data)   the stage's own block, only in configs of that stage
                (`jaxrlhf.options`: SFTOptions, RMOptions for rm and rm_ensemble with the
                rm.center_data data block, DPOOptions, PPOOptions)

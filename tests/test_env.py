@@ -35,3 +35,23 @@ def test_cli_prints_json():
                          capture_output=True, text=True, cwd=REPO, check=True)
     report = json.loads(out.stdout)
     assert report["stage"] == "pipeline" and report["model"]["preset"] == "tiny"
+
+
+def test_manual_multi_host_launch_reads_process_count_and_id(monkeypatch):
+    import jax
+    import pytest
+
+    from jaxrlhf.trainers import common
+    assert common.distributed_args({}) == {}
+    assert common.distributed_args({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
+        "num_processes": 2, "process_id": 1}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        common.distributed_args({"JAX_PROCESS_ID": "first"})
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    common.maybe_initialize_distributed(load_config("sft"))
+    assert calls == [{"num_processes": 2, "process_id": 0}]

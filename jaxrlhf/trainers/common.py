@@ -56,6 +56,22 @@ class NonFiniteLoss(FloatingPointError):
 # ------------------------------------------------------------------------------------------
 # Distributed set-up, mesh and tokenizer.
 
+def distributed_args(environ=None) -> Dict[str, int]:
+    """num_processes / process_id for jax.distributed.initialize from JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (a manual multi-host launch; JAX reads JAX_COORDINATOR_ADDRESS itself, and
+    detects all three on Cloud TPU, SLURM, Open MPI and Kubernetes when they are unset)."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = environ.get(key)
+        if value not in (None, ""):
+            try:
+                out[arg] = int(value)
+            except ValueError:
+                raise ValueError(f"{key}={value!r} must be an integer.") from None
+    return out
+
+
 def maybe_initialize_distributed(config) -> None:
     """jax.distributed.initialize() when the config or the environment asks for it."""
     wanted = bool(config.distributed) or bool(
@@ -67,7 +83,7 @@ def maybe_initialize_distributed(config) -> None:
             return
     except AttributeError:  # older jax
         pass
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_args())
 
 
 def mesh_from_config(config) -> Mesh:
