@@ -213,7 +213,7 @@ def _gemma_from_hf(hf: Mapping[str, Any], model_type: str, common) -> ModelConfi
     if not types:
         period = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
         types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
-    kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+    kinds = _kinds_from_hf(types, model_type)
     window = hf.get("sliding_window")
     if "sliding" in kinds and not window:
         raise ValueError(f"{model_type}: layer_types has sliding layers but sliding_window is "
@@ -254,6 +254,20 @@ def _gemma_from_hf(hf: Mapping[str, Any], model_type: str, common) -> ModelConfi
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
+def _kinds_from_hf(types, model_type: str) -> Tuple[str, ...]:
+    """HF layer_types ("sliding_attention" / "full_attention") -> ModelConfig.layer_types."""
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad:
+        raise ValueError(f"{model_type} layer_types {list(types)} are not supported (one of "
+                         "'full_attention' / 'sliding_attention' per layer).")
+    return tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+
+
+def _types_to_hf(cfg: ModelConfig) -> List[str]:
+    """ModelConfig's per-layer kinds as HF layer_types."""
+    return ["sliding_attention" if x else "full_attention" for x in cfg.sliding_layers()]
+
+
 def _sliding_from_hf(hf: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
     """{sliding_window, layer_types} of a Llama / Qwen / Mistral config.json: Mistral slides
     on every layer when sliding_window is set; Qwen2 / Qwen3 on the layers whose layer_types
@@ -273,11 +287,10 @@ def _sliding_from_hf(hf: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
         types = hf.get("layer_types") or [
             "sliding_attention" if i >= int(hf.get("max_window_layers", n)) else "full_attention"
             for i in range(n)]
-        bad = sorted({t for t in types} - {"sliding_attention", "full_attention"})
-        if bad or len(types) != n:
-            raise ValueError(f"{model_type} layer_types {types} are not supported (one of "
-                             "'full_attention' / 'sliding_attention' per layer).")
-        kinds = tuple("sliding" if t == "sliding_attention" else "full" for t in types)
+        if len(types) != n:
+            raise ValueError(f"{model_type} layer_types {types} name {len(types)} layers, the "
+                             f"model has {n}.")
+        kinds = _kinds_from_hf(types, model_type)
         return {"sliding_window": int(w), "layer_types": kinds} if "sliding" in kinds else {}
     if hf.get("sliding_window") or hf.get("layer_types"):
         raise ValueError(f"{model_type} with sliding-window attention is not supported.")
@@ -357,7 +370,7 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm") -> Dict[str, Any]:
             out.update(head_dim=cfg.dim_per_head, sliding_window=cfg.sliding_window)
         else:
             sliding = cfg.sliding_layers()
-            types = ["sliding_attention" if x else "full_attention" for x in sliding]
+            types = _types_to_hf(cfg)
             # HF derives layer_types from max_window_layers when they are not given; both
             # are written, consistent with each other when the sliding layers are a suffix.
             first = next((i for i, x in enumerate(sliding) if x), 28)   # 28: HF's default
@@ -380,13 +393,12 @@ def _gemma_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
     """The Gemma 2 / Gemma 3 (text) config.json keys of `cfg`."""
     scaling = dict(cfg.rope_scaling or ())
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **scaling}
-    sliding = cfg.sliding_layers()
     out = dict(
         attention_bias=cfg.qkv_bias, attention_dropout=0.0,
         attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
         head_dim=cfg.dim_per_head, hidden_activation="gelu_pytorch_tanh",
         hidden_size=cfg.d_model, initializer_range=0.02, intermediate_size=cfg.mlp_dim,
-        layer_types=["sliding_attention" if x else "full_attention" for x in sliding],
+        layer_types=_types_to_hf(cfg),
         max_position_embeddings=cfg.max_positions, num_attention_heads=cfg.n_heads,
         num_hidden_layers=cfg.n_layers, num_key_value_heads=cfg.n_kv_heads,
         query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.dim_per_head),

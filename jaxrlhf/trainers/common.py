@@ -284,15 +284,25 @@ class Trainable:
     def is_lora(self) -> bool:
         return self.base is not None
 
+    def param_counts(self, params) -> Dict[str, int]:
+        """summary.json's {"num_params", "trainable_params"} for the trained part `params`."""
+        n = _size(params)
+        return {"num_params": n + _size(self.base), "trainable_params": n}
+
     def describe(self) -> str:
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        n = _size(self.params)
         if not self.is_lora:
             return f"{n:,} trainable parameters (full fine-tuning)"
-        nb = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.base))
+        nb = _size(self.base)
         cfg = self.model.cfg
         return (f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
                 f"{','.join(cfg.lora_targets)}: {n:,} trainable parameters, "
                 f"{nb:,} frozen ({100.0 * n / max(n + nb, 1):.2f}% trained)")
+
+
+def _size(tree) -> int:
+    """Number of elements in the arrays of a pytree (0 for None)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def trainable(config, model, mesh: Mesh, *, seed: int = 0, rules=None,

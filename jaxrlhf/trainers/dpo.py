@@ -338,10 +338,7 @@ def build(config, stage_dir: str) -> common.Stage:
                                       **common.lora_export_kw(tr, stage_dir, init_dir))
         summary = {"stage": "dpo", "steps": int(tc.steps), **common.loop_summary(result),
                    **loss_kw, **info,
-                   "num_params": int(sum(x.size for x in jax.tree.leaves(
-                       tr.full(result.state["params"])))),
-                   "trainable_params": int(sum(x.size for x in jax.tree.leaves(
-                       result.state["params"]))),
+                   **tr.param_counts(result.state["params"]),
                    "data_rejected": train_ds.report.n_rejected,
                    **({"moss": moss} if moss else {})}
         if is_main:

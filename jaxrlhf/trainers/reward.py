@@ -177,9 +177,7 @@ def build(config, stage_dir: str) -> common.Stage:
                                       **common.lora_export_kw(tr, stage_dir, init_dir))
         summary = {"stage": "rm", "steps": int(tc.steps), **common.loop_summary(result),
                    "centring_shift": bias_shift, "centring_examples": n_centre,
-                   "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-                   "trainable_params": int(sum(x.size for x in jax.tree.leaves(
-                       result.state["params"]))),
+                   **tr.param_counts(result.state["params"]),
                    "data_rejected": train_ds.report.n_rejected,
                    **({"moss": moss} if moss is not None else {})}
         if jax.process_index() == 0:

@@ -99,10 +99,7 @@ def build(config, stage_dir: str) -> common.Stage:
                                       stage="sft", **common.lora_export_kw(tr, stage_dir,
                                                                            init_dir))
         summary = {"stage": "sft", "steps": int(tc.steps), **common.loop_summary(result),
-                   "num_params": int(sum(x.size for x in jax.tree.leaves(
-                       tr.full(result.state["params"])))),
-                   "trainable_params": int(sum(x.size for x in jax.tree.leaves(
-                       result.state["params"]))),
+                   **tr.param_counts(result.state["params"]),
                    "data_rejected": train_ds.report.n_rejected}
         if jax.process_index() == 0:
             write_summary(stage_dir, summary)
