@@ -21,7 +21,8 @@ are an error):
                "byte")
   model        architecture when init_from is empty: `preset` ("tiny"|"small"|"base"|"1b")
                plus any `ModelConfig` field to override (None = the preset's value);
-               `dtype` / `param_dtype` / `remat` / `scan_unroll` also apply to a model loaded from init_from
+               `dtype` / `param_dtype` / `remat` / `attention` / `scan_unroll` / `logits_chunk`
+               also apply to a model loaded from init_from
   data         the training data block (`jaxrlhf.data.default_data_config`); `eval_data` the
                held-out block (path "" = hold out `eval_fraction` of the training rows; the
                built-in task's test split takes every processing option of `data`; an unset

@@ -9,6 +9,7 @@ TPU VM, GPU host or Colab runtime before a long run. Nothing is trained or downl
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Dict, Optional
 
 from absl import app, flags, logging
@@ -28,11 +29,39 @@ def _memory_gb(device) -> Optional[float]:
     return round(limit / 2 ** 30, 2) if limit else None
 
 
+_ATTENTION = {
+    "einsum": "einsum (grouped-query einsums, float32 softmax)",
+    "xla": "xla (jax.nn.dot_product_attention, XLA implementation)",
+    "cudnn": "cudnn (jax.nn.dot_product_attention, cuDNN fused kernel; XLA where it refuses)",
+}
+
+
+def _model_attention(model, init_dir: str) -> str:
+    """What the config's model attends with here: its `attention` resolved for this
+    backend, from the preset or the HF config.json of init_from (no weights are read)."""
+    from jaxrlhf.config import model_config_from
+    from jaxrlhf.models.hf_io import config_from_hf, read_json
+    from jaxrlhf.models.transformer import resolve_attention
+    block = {k: v for k, v in model.items() if v is not None}
+    try:
+        if init_dir:
+            cfg = config_from_hf(read_json(os.path.join(init_dir, "config.json")),
+                                 dtype=block.get("dtype") or "auto")
+            if block.get("attention"):
+                cfg = cfg.replace(attention=block["attention"])
+        else:
+            cfg = model_config_from(block)
+    except (OSError, ValueError, KeyError) as e:
+        return f"unknown ({e})"
+    return _ATTENTION[resolve_attention(cfg)]
+
+
 def describe(config=None) -> Dict[str, Any]:
     """The environment report as a dict (what `main` prints)."""
     import jax
 
-    from jaxrlhf.models.config import resolve_dtype
+    from jaxrlhf.models.config import ModelConfig, resolve_dtype
+    from jaxrlhf.models.transformer import resolve_attention
     devices = jax.devices()
     out: Dict[str, Any] = {
         "jax": jax.__version__,
@@ -43,7 +72,7 @@ def describe(config=None) -> Dict[str, Any]:
         "device_kind": sorted({d.device_kind for d in devices}),
         "device_memory_gb": _memory_gb(devices[0]),
         "dtype_auto": resolve_dtype("auto"),
-        "attention": "XLA einsum softmax attention (jaxrlhf.models.transformer.Attention)",
+        "attention_auto": _ATTENTION[resolve_attention(ModelConfig(), resolve_dtype("auto"))],
     }
     if config is not None:
         from jaxrlhf import sharding as shd
@@ -58,7 +87,8 @@ def describe(config=None) -> Dict[str, Any]:
         out["model"] = {"preset": model.get("preset"), "init_from": init or None,
                         "dtype": resolve_dtype(model.get("dtype") or "auto"),
                         "param_dtype": model.get("param_dtype") or "float32",
-                        "remat": model.get("remat") or "none"}
+                        "remat": model.get("remat") or "none",
+                        "attention": _model_attention(model, init)}
         lora = blocks[0].get("lora")
         if lora is not None and int(lora.rank):
             out["lora"] = {"rank": int(lora.rank), "alpha": float(lora.alpha),

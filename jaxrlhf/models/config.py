@@ -30,6 +30,7 @@ LORA_TARGETS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"),
 
 
 ACCELERATORS = ("gpu", "tpu", "cuda", "rocm")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 
 
 def resolve_dtype(name: str, backend: Optional[str] = None) -> str:
@@ -89,6 +90,14 @@ class ModelConfig:
             fixed when the config is made.
         remat: remat policy name applied to each scanned layer: "none", "full" (save nothing),
             "dots" (save matmul outputs), "dots_no_batch" (save matmuls without batch dims).
+        attention: how attention is computed: "einsum" (`Attention.attend`: grouped-query
+            einsums laid out for XLA's CPU dots, float32 softmax; the only path with
+            attention-logit soft-capping), "xla" (`jax.nn.dot_product_attention`, its XLA
+            implementation), "cudnn" (its cuDNN fused / flash kernel: GPU, bf16 / fp16,
+            head_dim a multiple of 8), or "auto" (the default, resolved at trace time by
+            `resolve_attention`: cudnn on a GPU where the kernel applies, xla on TPU,
+            einsum on CPU and for soft-capped models). All take the same boolean mask, so
+            left padding, grouped-query heads, sliding windows and the KV cache are the same.
         scan_unroll: layers per iteration of the layer scan (`lax.scan(unroll=...)`); 1 keeps
             compile time independent of depth; <= 0 unrolls all layers; None (the default)
             = auto: all layers when n_layers <= AUTO_UNROLL_MAX_LAYERS (8), else 1. Shallow
@@ -146,6 +155,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "auto"
     remat: str = "none"
+    attention: str = "auto"
     scan_unroll: Optional[int] = None
     logits_chunk: Optional[int] = None
     pad_token_id: Optional[int] = 256
@@ -166,6 +176,12 @@ class ModelConfig:
             raise ValueError(f"mlp must be 'swiglu', 'geglu' or 'gelu', got {self.mlp!r}.")
         if self.positions not in ("rope", "learned"):
             raise ValueError(f"positions must be 'rope' or 'learned', got {self.positions!r}.")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}.")
+        if self.attention in ("xla", "cudnn") and self.attn_softcap is not None:
+            raise ValueError(f"attention={self.attention!r} (jax.nn.dot_product_attention) has no "
+                             "attention-logit soft-capping; this model sets attn_softcap, use "
+                             "attention='einsum' or 'auto'.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
         if self.n_heads % self.n_kv_heads:

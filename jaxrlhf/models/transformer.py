@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig
@@ -242,6 +243,50 @@ def select_rows(x_BxTx_, select):
     return jnp.take_along_axis(x_BxTx_, idx, axis=1)
 
 
+def resolve_attention(cfg: ModelConfig, dtype=None, backend: Optional[str] = None) -> str:
+    """The attention implementation a forward uses ("einsum" | "xla" | "cudnn"): the
+    config's, with "auto" resolved for this backend and compute dtype. cuDNN's fused kernel
+    runs on a GPU in bf16 / fp16 with head_dim a multiple of 8 (at most 128 before Hopper,
+    256 from it; `dot_product_attention` falls back to the XLA implementation when the
+    kernel refuses a shape); TPU takes the XLA implementation; on CPU the einsum layout
+    measured faster than jax's XLA implementation (README, "Attention"). Models with
+    attention-logit soft-capping always take the einsum path."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    if cfg.attn_softcap is not None:
+        return "einsum"
+    if backend is None:
+        backend = jax.default_backend()
+    dt = jnp.dtype(dtype if dtype is not None else cfg.dtype)
+    if backend in ("gpu", "cuda", "rocm"):
+        if dt in (jnp.bfloat16, jnp.float16) and cfg.dim_per_head % 8 == 0 \
+                and cfg.dim_per_head <= 256:
+            return "cudnn"
+        return "xla"
+    if backend == "tpu":
+        return "xla"
+    return "einsum"
+
+
+def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS, scale: float,
+                          implementation: str):
+    """`jax.nn.dot_product_attention` with our boolean mask [B, T, S] (causal, padding and
+    sliding window already in it) and grouped-query heads (H a multiple of K); [B, T, H, Dh].
+    Masked logits take jax's large finite negative, so a row with no allowed key (a left
+    padding query) gets a finite output as in the einsum path. When cuDNN refuses the
+    shapes or dtype (it raises while tracing) the XLA implementation is used."""
+    kw = dict(mask=allowed_BxTxS[:, None], scale=scale)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+                                                implementation="cudnn", **kw)
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            logging.log_first_n(logging.WARNING, "cuDNN attention unavailable (%s); using the "
+                                "XLA implementation.", 1, str(e).splitlines()[0][:200])
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+                                        implementation="xla", **kw)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped-query heads, optional biases, RoPE or none."""
 
@@ -298,7 +343,28 @@ class Attention(nnx.Module):
         return q, k, v
 
     def attend(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
-        """softmax(q k^T / sqrt(Dh) + mask) v with query heads grouped over kv heads."""
+        """softmax(q k^T * attn_scale + mask) v with query heads grouped over kv heads,
+        through the config's attention implementation (`resolve_attention`), then the
+        output projection."""
+        cfg, dt = self.cfg, q_BxTxHxDh.dtype
+        b, t, h, dh = q_BxTxHxDh.shape
+        impl = resolve_attention(cfg, dt)
+        if impl == "einsum":
+            out = self._attend_einsum(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS)
+        else:
+            out = dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS,
+                                        cfg.attn_scale, impl).reshape(b, t, h * dh)
+        # One flat contraction (`linear` flattens wo to [H*Dh, D]): with two contracting dims
+        # (h, e) XLA's CPU layout assignment transposed (copied) wo at every call instead.
+        out = _adapted(self, out, self.wo[...], "o")
+        if cfg.out_bias:
+            out = out + _bcast(self.bo[...].astype(dt), 3)
+        return out
+
+    def _attend_einsum(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
+        """The einsum path: float32 logits (soft-capped when the config says), masked to a
+        large finite negative (a row with no allowed key gets a uniform softmax, not NaN),
+        float32 softmax; returns [B, T, H * Dh]."""
         cfg, dt = self.cfg, q_BxTxHxDh.dtype
         b, t, h, dh = q_BxTxHxDh.shape
         kh = cfg.n_kv_heads
@@ -310,13 +376,7 @@ class Attention(nnx.Module):
         # Output with the batch dims (b, k) leading, then transpose: XLA's CPU dot then needs
         # no operand transpose (a copy of the operand per call otherwise).
         out = jnp.einsum("bkgts,bskd->bkgtd", probs, v_BxSxKxDh)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
-        # One flat contraction (`linear` flattens wo to [H*Dh, D]): with two contracting dims
-        # (h, e) XLA's CPU layout assignment transposed (copied) wo at every call instead.
-        out = _adapted(self, out, self.wo[...], "o")
-        if cfg.out_bias:
-            out = out + _bcast(self.bo[...].astype(dt), 3)
-        return out
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
 
 class MLP(nnx.Module):
