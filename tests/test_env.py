@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from jax.tree_util import tree_leaves as jax_leaves
+
 from trainer_utils import REPO, load_config
 
 from jaxrlhf import env
@@ -27,6 +29,14 @@ def test_describe_reports_the_mesh_and_model_of_a_config():
     assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert report["model"]["dtype"] == "float32" and report["lora"]["rank"] == 8
     assert report["dtype_auto"] == "float32"
+    assert report["model"]["attention"].startswith("einsum")   # CPU: the einsum path
+
+
+def test_describe_resolves_attention_from_an_hf_config():
+    c = load_config("sft")
+    c.init_from = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3")
+    c.model.attention = "xla"
+    assert env.describe(c)["model"]["attention"].startswith("xla")
 
 
 def test_cli_prints_json():
@@ -55,3 +65,21 @@ def test_manual_multi_host_launch_reads_process_count_and_id(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
     common.maybe_initialize_distributed(load_config("sft"))
     assert calls == [{"num_processes": 2, "process_id": 0}]
+
+
+def test_device_budget_counts_the_donated_state_and_remat_shrinks_temporaries():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import device_budget
+    from flax import nnx
+
+    from jaxrlhf.models.transformer import init_model
+    cfg = preset("tiny", dtype="float32")
+    n = sum(x.size for x in jax_leaves(nnx.state(init_model(cfg))))
+    none, full = (device_budget.budget(cfg.replace(remat=r), "sft", 8, 32)
+                  for r in ("none", "full"))
+    assert none["params"] == 4 * n                       # fp32 master weights
+    assert none["opt_state"] >= 2 * none["params"]       # AdamW's two moments (+ counters)
+    assert none["donated_aliases"] >= none["params"] + none["opt_state"]
+    assert full["temp"] < none["temp"]
+    assert none["peak"] == (none["arguments"] + none["outputs"] - none["donated_aliases"]
+                            + none["temp"])

@@ -105,7 +105,10 @@ class ModelConfig:
             unroll: on 2 CPU cores the rolled scan spends ~10% of a train step stacking and
             slicing per-layer residuals (dynamic-update-slice / dynamic-slice copies), and at
             4-8 layers compiling the unrolled step is no slower. Deep models (the 1b preset)
-            keep compile time flat with a rolled scan.
+            keep compile time flat with a rolled scan. With remat set, auto = 1 at any depth:
+            with every layer unrolled, XLA's schedule on CPU kept all activations alive
+            anyway (`tools/device_budget.py`: 8 layers x 8 x 256 tokens, temporaries 369 MB
+            with remat "full" or without; rolled, 68 MB).
         logits_chunk: positions per chunk when a trainer needs log-probabilities of target
             tokens over the whole vocabulary (`Transformer.target_logprobs`): 0 computes the
             [B, T, V] logits at once; c > 0 computes them c positions at a time and again in
@@ -259,7 +262,7 @@ class ModelConfig:
         """The `unroll` of the layer scan: `scan_unroll` resolved (None = auto, <= 0 = all)."""
         u = self.scan_unroll
         if u is None:
-            u = 0 if self.n_layers <= AUTO_UNROLL_MAX_LAYERS else 1
+            u = 0 if self.n_layers <= AUTO_UNROLL_MAX_LAYERS and self.remat == "none" else 1
         return self.n_layers if u <= 0 else min(u, self.n_layers)
 
     def replace(self, **kw: Any) -> "ModelConfig":
