@@ -34,6 +34,9 @@ setup(
         "cuda12": ["jax[cuda12]>=0.7,<0.13"],
         "cuda13": ["jax[cuda13]>=0.7,<0.13"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],
+        # A workdir in a Google Cloud Storage bucket (gs://...), read and written through
+        # fsspec (jaxrlhf.paths); orbax checkpoints there use tensorstore's own GCS driver.
+        "gcs": ["gcsfs>=2024.2"],
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",

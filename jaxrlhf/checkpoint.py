@@ -15,11 +15,12 @@ else `init_from`, else a fresh initialisation.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxrlhf import paths
 
 
 def abstract_like(tree, shardings=None):
@@ -34,7 +35,7 @@ class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with the save/restore jaxrlhf needs."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)   # a local path or a gs:// URL
         self.save_every = save_every
         self._mngr = ocp.CheckpointManager(
             self.directory,

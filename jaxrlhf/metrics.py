@@ -8,17 +8,28 @@ Files written into a stage directory:
 
 On resume, metric lines beyond the restored step are dropped so that the file equals the one
 an uninterrupted run would have written.
+
+A workdir that is a URL (gs://...): metrics.jsonl and the event files are written to a local
+directory and uploaded whole (an object store cannot append) at most every
+`SYNC_SECONDS`, at `sync()` and at `close()`; everything else goes through `jaxrlhf.paths`.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from jaxrlhf import paths
+
+SYNC_SECONDS = 60.0
 
 
 def _to_float(v):
@@ -40,18 +51,26 @@ class MetricsLogger:
         self.desc = desc
         self.stream = stream or sys.stderr
         self.echo_keys = echo_keys
-        self.path = os.path.join(workdir, "metrics.jsonl")
         self._t0 = time.time()
         self._tb = None
         self._bar = None
+        self._local = workdir
+        self._synced = time.time()
+        self.path = os.path.join(workdir, "metrics.jsonl")
         if not is_main:
             return
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
+        if paths.is_remote(workdir):   # written here, uploaded by sync()
+            self._local = tempfile.mkdtemp(prefix="jaxrlhf-metrics-")
+            self.path = os.path.join(self._local, "metrics.jsonl")
+            remote = paths.join(workdir, "metrics.jsonl")
+            if paths.exists(remote):
+                paths.copy(remote, self.path)
         self._truncate_after(start_step)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+                self._tb = SummaryWriter(logdir=self._local, flush_secs=30)
             except ImportError:  # optional: JSONL is the source of truth
                 self._tb = None
         try:
@@ -83,6 +102,8 @@ class MetricsLogger:
             for k, v in row.items():
                 if k not in ("step", "split") and isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self._local != self.workdir and time.time() - self._synced > SYNC_SECONDS:
+            self.sync()
         if echo is None:
             echo = split != "train" or step % self.log_every == 0
         if echo:
@@ -101,12 +122,25 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(n)
 
+    def sync(self) -> None:
+        """Uploads metrics.jsonl and the event files of a URL workdir (no-op when local)."""
+        if not self.is_main or self._local == self.workdir:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        for name in os.listdir(self._local):
+            paths.sync_file(os.path.join(self._local, name), paths.join(self.workdir, name))
+        self._synced = time.time()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+        if self.is_main and self._local != self.workdir:
+            self.sync()
+            shutil.rmtree(self._local, ignore_errors=True)
 
     @property
     def elapsed(self) -> float:
@@ -124,15 +158,15 @@ def format_metrics(metrics: Mapping[str, float], keys: Optional[Iterable[str]] =
 
 def read_metrics(path: str):
     """All rows of a metrics.jsonl file (a stage dir or the file itself)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    with open(path) as f:
+    if paths.isdir(path):
+        path = paths.join(path, "metrics.jsonl")
+    with paths.open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
 def write_summary(workdir: str, summary: Mapping) -> str:
-    path = os.path.join(workdir, "summary.json")
-    with open(path, "w") as f:
+    path = paths.join(workdir, "summary.json")
+    with paths.open(path, "w") as f:
         json.dump({k: _to_float(v) for k, v in summary.items()}, f, indent=2, sort_keys=True)
     return path
 
@@ -140,17 +174,16 @@ def write_summary(workdir: str, summary: Mapping) -> str:
 def plot_curves(workdir: str, panels: Sequence[Sequence[str]], filename: str = "curves.png",
                 title: str = "") -> Optional[str]:
     """One subplot per panel; each panel lists metric keys (train and eval rows both drawn)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:   # a Figure of its own: pyplot's backend (a notebook's inline one) is left alone
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    rows = read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
+    rows = read_metrics(workdir) if paths.exists(paths.join(workdir, "metrics.jsonl")) else []
     panels = [p for p in panels if any(k in r for r in rows for k in p)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, keys in zip(axes[0], panels):
         for key in keys:
             for split, style in (("train", "-"), ("eval", "o-")):
@@ -166,7 +199,9 @@ def plot_curves(workdir: str, panels: Sequence[Sequence[str]], filename: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = os.path.join(workdir, filename)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path = paths.join(workdir, filename)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    with paths.open(path, "wb") as f:
+        f.write(buf.getvalue())
     return path

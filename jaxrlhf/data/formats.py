@@ -52,6 +52,7 @@ import os
 import zlib
 from typing import Any, Iterator, Mapping, Sequence
 
+from jaxrlhf import paths
 from jaxrlhf.data.config import DataOptions, resolve_options
 from jaxrlhf.data.tokenizer import CHAT_ROLES
 
@@ -109,8 +110,7 @@ class LoadReport:
         self.counts_by_reason[reason] += 1
         if self.rejects_path is not None:
             record = {"file": file, "line": line, "reason": reason, "detail": detail, "row": row}
-            with open(self.rejects_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=repr) + "\n")
+            paths.append_lines(self.rejects_path, [json.dumps(record, default=repr) + "\n"])
 
     def summary(self) -> str:
         parts = [f"{self.source}: read {self.n_read}, loaded {self.n_loaded}"]

@@ -177,6 +177,8 @@ def load_tokenizer(spec: str | Tokenizer) -> Tokenizer:
         return spec
     if spec == "byte":
         return ByteTokenizer()
+    from jaxrlhf.paths import local_copy
+    spec = local_copy(spec)
     if not os.path.isdir(spec):
         raise FileNotFoundError(
             f"tokenizer spec {spec!r} is neither 'byte' nor a local directory (jaxrlhf loads HF "

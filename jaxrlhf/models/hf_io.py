@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from jaxrlhf import paths
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.transformer import Transformer
 from jaxrlhf.sharding import state_shardings
@@ -640,6 +641,7 @@ def load_hf(path: str, head: str = "lm", dtype=None, *, param_dtype=None, mesh=N
     """
     if head not in ("lm", "score"):
         raise ValueError(f"head must be 'lm' or 'score', got {head!r}.")
+    path = paths.local_copy(path)   # a gs:// export is downloaded once
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(

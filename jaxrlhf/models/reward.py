@@ -64,6 +64,8 @@ def stacked_shardings(shardings, mesh):
 
 def member_dirs(path: str) -> List[str]:
     """The members' HF directories of an rm_ensemble stage dir, in member order."""
+    from jaxrlhf.paths import local_copy
+    path = local_copy(path)   # a gs:// stage directory is downloaded once
     meta = os.path.join(path, ENSEMBLE_FILE)
     if os.path.exists(meta):
         with open(meta) as f:

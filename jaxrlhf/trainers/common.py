@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxrlhf import paths
 from jaxrlhf import sharding as shd
 from jaxrlhf.checkpoint import Checkpointer, abstract_like
 from jaxrlhf.config import model_config_from
@@ -94,23 +95,23 @@ def resolve_init_dir(init_from: str) -> str:
     """A stage directory means its HF export; anything else must be an HF directory."""
     if not init_from:
         return ""
-    path = os.path.abspath(os.path.expanduser(init_from))
-    if os.path.isdir(os.path.join(path, "hf")):
-        path = os.path.join(path, "hf")
-    if not os.path.isdir(path):
+    path = paths.absolute(init_from)
+    if paths.isdir(paths.join(path, "hf")):
+        path = paths.join(path, "hf")
+    if not paths.isdir(path):
         raise FileNotFoundError(
             f"init_from={init_from!r} does not exist. Give a local Hugging Face directory "
             "(config.json + *.safetensors) or a jaxrlhf stage directory with an hf/ export.")
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if not paths.exists(paths.join(path, "config.json")):
         raise FileNotFoundError(
             f"init_from={init_from!r} has no config.json; it must be a local Hugging Face "
             "model directory or a finished jaxrlhf stage directory.")
-    return path
+    return paths.local_copy(path)
 
 
 def read_meta(hf_dir: str) -> dict:
     p = os.path.join(hf_dir, META_FILE)
-    if hf_dir and os.path.exists(p):
+    if hf_dir and paths.exists(p):
         from jaxrlhf.models.hf_io import read_json
         return read_json(p)
     return {}
@@ -121,7 +122,7 @@ def tokenizer_spec(config, init_dir: str = "") -> str:
     spec = config.tokenizer
     if spec != "auto":
         return spec
-    if init_dir and any(os.path.exists(os.path.join(init_dir, f))
+    if init_dir and any(paths.exists(os.path.join(init_dir, f))
                         for f in ("tokenizer.json", "tokenizer_config.json")):
         return init_dir
     return read_meta(init_dir).get("tokenizer", "byte")
@@ -209,20 +210,22 @@ def export_stage_model(model, out_dir: str, *, tokenizer, tokenizer_spec_: str,
                         hf_usage="AutoModelForSequenceClassification logits[:, 0] + "
                                  "hf_score_offset = the jaxrlhf reward, read at the last token "
                                  "that is not hf_pad_token_id (pad with the saved tokenizer)")
-        save_hf(model, out_dir, pad_token_id=pad, eos_token_ids=tokenizer.stop_ids)
-        if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
-            if pad is not None and pad != tokenizer.pad_id:
-                hf_tok = copy.deepcopy(hf_tok)
-                hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
-            hf_tok.save_pretrained(out_dir)
-        meta.update(extra or {})
-        with open(os.path.join(out_dir, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        if adapter_dir and adapted.cfg.lora_rank:
-            lora.save_peft(adapted, adapter_dir, base_model=base_model,
-                           extra=dict(meta, lora_merged_export=out_dir))
+        with paths.staged_dir(out_dir) as local:
+            save_hf(model, local, pad_token_id=pad, eos_token_ids=tokenizer.stop_ids)
             if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
-                hf_tok.save_pretrained(adapter_dir)
+                if pad is not None and pad != tokenizer.pad_id:
+                    hf_tok = copy.deepcopy(hf_tok)
+                    hf_tok.pad_token = hf_tok.convert_ids_to_tokens(pad)
+                hf_tok.save_pretrained(local)
+            meta.update(extra or {})
+            with open(os.path.join(local, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+        if adapter_dir and adapted.cfg.lora_rank:
+            with paths.staged_dir(adapter_dir) as local:
+                lora.save_peft(adapted, local, base_model=base_model,
+                               extra=dict(meta, lora_merged_export=out_dir))
+                if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
+                    hf_tok.save_pretrained(local)
     return out_dir
 
 
@@ -315,7 +318,7 @@ def trainable(config, model, mesh: Mesh, *, seed: int = 0, rules=None,
         return Trainable(model, nnx.graphdef(model), params_of(model),
                          param_shardings(model, mesh, rules), options=lo)
     if lo.adapter:
-        model = lora.load_peft(model, os.path.abspath(os.path.expanduser(lo.adapter)),
+        model = lora.load_peft(model, paths.local_copy(paths.absolute(lo.adapter)),
                                mesh=mesh, rules=rules)
     else:
         model = lora.add_adapters(model, lo.rank, lo.alpha, lo.target_list(), seed=seed,
@@ -591,11 +594,11 @@ def run_stage(build: Callable, config, stage_dir: str):
     `Preempted`. Returns `stage.finish(result)` (the LoopResult when there is no finish).
     The stage's rejected_rows.jsonl is rewritten by every run (a resumed or re-run stage
     lists each rejected row once)."""
-    os.makedirs(stage_dir, exist_ok=True)
+    paths.makedirs(stage_dir)
     maybe_initialize_distributed(config)
     rejects = os.path.join(stage_dir, REJECTS_FILENAME)
-    if jax.process_index() == 0 and os.path.exists(rejects):
-        os.remove(rejects)   # every build re-reads the data and writes its rejects again
+    if jax.process_index() == 0 and paths.exists(rejects):
+        paths.remove(rejects)   # every build re-reads the data and writes its rejects again
     stage = build(config, stage_dir)
     tc = train_options(config)
     name, total = stage.name, int(stage.total_steps)
@@ -652,15 +655,15 @@ def run_stage(build: Callable, config, stage_dir: str):
 
     start_eval: Dict[str, float] = {}
     start_path = os.path.join(stage_dir, stage.start_eval_file)
-    if os.path.exists(start_path):
-        with open(start_path) as f:
+    if paths.exists(start_path):
+        with paths.open(start_path) as f:
             start_eval = json.load(f)
     elif stage.evaluate is not None and start == 0 and tc.eval_at_start and total:
         start_eval = stage.evaluate(state)   # the starting point (e.g. the model before SFT)
         if start_eval:
             logger.write(0, start_eval, split="eval")
         if is_main and start_eval:
-            with open(start_path, "w") as f:
+            with paths.open(start_path, "w") as f:
                 json.dump(start_eval, f, indent=2)
 
     def meta():
@@ -687,6 +690,7 @@ def run_stage(build: Callable, config, stage_dir: str):
                     logger.write(done, eval_metrics, split="eval")
             if ckpt.should_save(done) or done == total or sigterm.set:
                 ckpt.save(done, state, meta())
+                logger.sync()   # a gs:// workdir: its metrics up to the checkpoint
             if sigterm.set:
                 logger.print(f"[{name}] SIGTERM: saved checkpoint at step {done}; re-run the "
                              "same command to resume.")

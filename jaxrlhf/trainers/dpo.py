@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import time
 
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrlhf import paths
 from jaxrlhf import objectives as obj
 from jaxrlhf import sharding as shd
 from jaxrlhf.data import JointIterator, load_tokenizer
@@ -187,8 +189,8 @@ class RefCache:
         batches, in order) it lacks with ref_fn(tokens, attention_mask, prompt_len) and
         writes the file again if anything was added."""
         logps = {}
-        if os.path.exists(path):
-            with np.load(path) as f:
+        if paths.exists(path):
+            with paths.open(path, "rb") as fh, np.load(io.BytesIO(fh.read())) as f:
                 if str(f["fingerprint"]) == fingerprint:
                     logps = dict(zip(f["index"].tolist(), f["logps"]))
                 else:
@@ -212,11 +214,11 @@ class RefCache:
                     f"({time.time() - t0:.0f} s)")
         if added and jax.process_index() == 0:
             keys = sorted(logps)
-            tmp = path + ".tmp.npz"
-            np.savez(tmp, index=np.asarray(keys, np.int64),
+            buf = io.BytesIO()
+            np.savez(buf, index=np.asarray(keys, np.int64),
                      logps=np.stack([logps[i] for i in keys]),
                      fingerprint=np.asarray(fingerprint))
-            os.replace(tmp, path)
+            paths.write_bytes(path, buf.getvalue())
         log(f"[dpo] reference log-probs: {added} rows computed, {len(logps) - added} read "
             f"back ({path})")
         return cls(logps, path)

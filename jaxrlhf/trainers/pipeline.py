@@ -32,13 +32,14 @@ import os
 import jax
 import numpy as np
 
+from jaxrlhf import paths
 from jaxrlhf.trainers import dpo, ppo, reward, sft
 
 
 def _done(stage_dir: str):
     p = os.path.join(stage_dir, "summary.json")
-    if os.path.exists(p) and os.path.isdir(os.path.join(stage_dir, "hf")):
-        with open(p) as f:
+    if paths.exists(p) and paths.isdir(os.path.join(stage_dir, "hf")):
+        with paths.open(p) as f:
             return json.load(f)
     return None
 
@@ -116,7 +117,7 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int, *, data_bl
     from jaxrlhf.trainers.common import read_meta
     pcfg = config.pipeline
     out = os.path.join(round_dir, "comparisons.jsonl")
-    if os.path.exists(out):
+    if paths.exists(out):
         return out
     if data_block is None:   # iterated RLHF: the PPO stage's prompts and sampling
         data_block = config.pipeline.ppo.data
@@ -131,7 +132,7 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int, *, data_bl
                              "(a reward-model dir) or pipeline.comparisons (one ranking file "
                              f"per round after the first); got {files}.")
         return files[r - 2]
-    os.makedirs(round_dir, exist_ok=True)
+    paths.makedirs(round_dir)
     tok = load_tokenizer(read_meta(os.path.join(policy_dir, "hf")).get("tokenizer", "byte"))
     ds, prompts = _sampling_prompts(data_block, r, int(pcfg.comparisons_per_round), tok)
     base_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), r)
@@ -155,10 +156,7 @@ def _new_comparisons(config, round_dir: str, policy_dir: str, r: int, *, data_bl
         rows.append(row)
     if label_rm:
         rows = _rm_ranks(label_rm, rows, ds, tok)
-    with open(out + ".tmp", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(out + ".tmp", out)
+    paths.write_bytes(out, "".join(json.dumps(row) + "\n" for row in rows).encode())
     return out
 
 
@@ -261,6 +259,6 @@ def run(config, workdir: str):
 
 def _write(workdir, summaries, log):
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with paths.open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summaries, f, indent=2, sort_keys=True, default=str)
         log(f"[pipeline] done: {os.path.join(workdir, 'summary.json')}")

@@ -46,6 +46,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrlhf import paths
 from jaxrlhf import objectives as obj
 from jaxrlhf import rewards as rw
 from jaxrlhf import rollout as ro
@@ -410,9 +411,8 @@ def build(config, stage_dir: str) -> common.Stage:
             fn_info.pop("per_row")
             records = fn_info.pop("failure_records")
             if records and pi == 0:
-                with open(errors_path, "a") as f:
-                    for rec in records:
-                        f.write(json.dumps(dict(rec, iteration=it + 1)) + "\n")
+                paths.append_lines(errors_path, [json.dumps(dict(rec, iteration=it + 1)) + "\n"
+                                                 for rec in records])
         rollout = dict(rollout, host_score=host_scores(host, mesh))
         ptx_mbs = _split_rows({f"ptx_{k}": v for k, v in common.to_global(ptx, mesh).items()}
                               if ptx else None, n_updates)
@@ -462,10 +462,10 @@ def build(config, stage_dir: str) -> common.Stage:
         m["elapsed_s"] = out["elapsed_s"]   # wall time of this process in the stage
         if pi == 0 and pc.sample_every and step_no % pc.sample_every == 0:
             prompts_txt, resp_txt = texts(out["index"][:4], resp[:4], rmask[:4])
-            with open(samples_path, "a") as f:
-                for p_, r_, e_ in zip(prompts_txt, resp_txt, fin[:4]):
-                    f.write(json.dumps({"iteration": step_no, "prompt": p_, "response": r_,
-                                        "ended": bool(e_)}) + "\n")
+            paths.append_lines(samples_path, [
+                json.dumps({"iteration": step_no, "prompt": p_, "response": r_,
+                            "ended": bool(e_)}) + "\n"
+                for p_, r_, e_ in zip(prompts_txt, resp_txt, fin[:4])])
             logger.print(f"[ppo] sample @ {step_no}: {prompts_txt[0]!r} -> {resp_txt[0]!r}")
         return m
 
@@ -475,7 +475,7 @@ def build(config, stage_dir: str) -> common.Stage:
                                   tokenizer_spec_=tok_spec, stage="ppo",
                                   **common.lora_export_kw(actor_tr, stage_dir, actor_dir))
         rows = (read_metrics(stage_dir)
-                if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")) else [])
+                if paths.exists(os.path.join(stage_dir, "metrics.jsonl")) else [])
         first = rows[0] if rows else {}
         summary = {"stage": "ppo", "iterations": int(pc.iterations),
                    "wall_time_s": result.wall_time,

@@ -36,6 +36,7 @@ import os
 import jax
 from flax import nnx
 
+from jaxrlhf import paths
 from jaxrlhf import objectives as obj
 from jaxrlhf.data import JointIterator, load_tokenizer
 from jaxrlhf.metrics import plot_curves, write_summary
@@ -111,7 +112,7 @@ def moss_options(config, rc: RMOptions, train_ds, tokenizer, mesh, stage_dir: st
         else:
             examples = sample_meta_examples(config, rc, train_ds, tokenizer, mesh)
             if jax.process_index() == 0:
-                with open(os.path.join(stage_dir, "meta_samples.jsonl"), "w") as f:
+                with paths.open(os.path.join(stage_dir, "meta_samples.jsonl"), "w") as f:
                     for e in examples:
                         f.write(json.dumps(e) + "\n")
         meta_ds = meta_dataset(examples, train_ds, tokenizer)

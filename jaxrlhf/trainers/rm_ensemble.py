@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrlhf import paths
 from jaxrlhf import objectives as obj
 from jaxrlhf import sharding as shd
 from jaxrlhf.data import load_tokenizer, ranked_pairs
@@ -299,7 +300,7 @@ def build(config, stage_dir: str) -> common.Stage:
                    "data_rejected": train_ds.report.n_rejected}
         if pi == 0:
             write_strength(stage_dir, rows)
-            with open(os.path.join(stage_dir, ENSEMBLE_FILE), "w") as f:
+            with paths.open(os.path.join(stage_dir, ENSEMBLE_FILE), "w") as f:
                 json.dump({"members": m_count, "member_dirs": dirs, "seed": int(config.seed),
                            "strength_file": STRENGTH_FILE}, f, indent=2)
             write_summary(stage_dir, summary)

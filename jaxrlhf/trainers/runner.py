@@ -15,7 +15,8 @@ stopped.
 from __future__ import annotations
 
 import importlib
-import os
+
+from jaxrlhf import paths
 
 STAGE_MODULES = {"sft": "jaxrlhf.trainers.sft", "rm": "jaxrlhf.trainers.reward",
                  "ppo": "jaxrlhf.trainers.ppo", "pipeline": "jaxrlhf.trainers.pipeline",
@@ -28,8 +29,8 @@ def run(config, workdir: str):
     if stage not in STAGE_MODULES:
         raise ValueError(f"Unknown stage {stage!r}; expected one of {sorted(STAGE_MODULES)}.")
     module = importlib.import_module(STAGE_MODULES[stage])
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.absolute(workdir)
+    paths.makedirs(workdir)
     from jaxrlhf.config import resolve_data_paths
     resolve_data_paths(config)
     return module.run(config, workdir)
