@@ -248,9 +248,9 @@ def resolve_attention(cfg: ModelConfig, dtype=None, backend: Optional[str] = Non
     config's, with "auto" resolved for this backend and compute dtype. cuDNN's fused kernel
     runs on a GPU in bf16 / fp16 with head_dim a multiple of 8 (at most 128 before Hopper,
     256 from it; `dot_product_attention` falls back to the XLA implementation when the
-    kernel refuses a shape); TPU takes the XLA implementation; on CPU the einsum layout
-    measured faster than jax's XLA implementation (README, "Attention"). Models with
-    attention-logit soft-capping always take the einsum path."""
+    kernel refuses a shape); TPU takes the XLA implementation; CPU keeps the einsum path
+    (equal speed within noise, `tools/bench_attention.py`). Models with attention-logit
+    soft-capping always take the einsum path."""
     if cfg.attention != "auto":
         return cfg.attention
     if cfg.attn_softcap is not None:
