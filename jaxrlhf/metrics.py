@@ -199,9 +199,12 @@ def plot_curves(workdir: str, panels: Sequence[Sequence[str]], filename: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = paths.join(workdir, filename)
+    return save_figure(fig, paths.join(workdir, filename))
+
+
+def save_figure(fig, path: str) -> str:
+    """Writes a matplotlib Figure as a PNG to a local path or a URL (`jaxrlhf.paths`)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    with paths.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    paths.write_bytes(path, buf.getvalue())
     return path

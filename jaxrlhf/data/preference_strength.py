@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import List, Mapping
 
 import numpy as np
 
+from jaxrlhf import paths
 from jaxrlhf.data.batching import ranked_pairs
+from jaxrlhf.metrics import save_figure
 
 STRENGTH_FILE = "strength.jsonl"
 STRENGTH_PLOT = "strength_hist.png"
@@ -26,7 +27,7 @@ STRENGTH_PLOT = "strength_hist.png"
 def read_strength(path: str) -> list[dict]:
     """Rows of a strength.jsonl: {index, chosen, rejected, mu, sigma, ...}."""
     rows = []
-    with open(path) as f:
+    with paths.open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -45,28 +46,25 @@ def read_strength(path: str) -> list[dict]:
 
 def write_strength(out_dir: str, rows: List[dict], *, plot: bool = True) -> str:
     """Writes out_dir/strength.jsonl (and the plot); returns the file's path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, STRENGTH_FILE)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    paths.makedirs(out_dir)
+    path = paths.join(out_dir, STRENGTH_FILE)
+    paths.write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
     if plot:
-        plot_strength(os.path.join(out_dir, STRENGTH_PLOT), rows)
+        plot_strength(paths.join(out_dir, STRENGTH_PLOT), rows)
     return path
 
 
 def plot_strength(path: str, rows: List[dict], title: str = "Preference strength"):
     """Histograms of μ and σ, and σ against μ; the bottom-20% μ threshold is marked."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:   # a Figure of its own: pyplot's backend is left alone
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     mu = np.asarray([r["mu"] for r in rows])
     sigma = np.asarray([r["sigma"] for r in rows])
     q20 = float(np.quantile(mu, 0.2)) if len(mu) else 0.0
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    ax = fig.subplots(1, 3)
     ax[0].hist(mu, bins=60, color="tab:blue", alpha=0.85)
     ax[0].axvline(0.0, color="k", lw=1)
     ax[0].axvline(q20, color="tab:red", ls="--", lw=1, label=f"20% quantile {q20:.2f}")
@@ -81,9 +79,7 @@ def plot_strength(path: str, rows: List[dict], title: str = "Preference strength
         a.grid(alpha=0.3)
     fig.suptitle(f"{title} ({len(mu)} pairs)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclasses.dataclass
