@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxrlhf.generation import generate
 from jaxrlhf.models import ModelConfig, init_model
-from jaxrlhf.models.transformer import dot_product_attention, resolve_attention
+from jaxrlhf.models.transformer import attention_blocks, dot_product_attention, resolve_attention
 
 # GQA (4 query heads over 2 kv heads), a sliding layer between full ones, 3 layers (unrolled).
 BASE = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_dim=48,
@@ -88,3 +88,32 @@ def test_cudnn_falls_back_to_xla_where_the_kernel_is_unavailable():
     want = dot_product_attention(q, k, k, allowed, 0.3, "xla")
     got = jax.jit(lambda q, k: dot_product_attention(q, k, k, allowed, 0.3, "cudnn"))(q, k)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_causal_blocks_skip_the_masked_triangle_with_the_same_rows():
+    cfg = ModelConfig(**BASE)
+    assert attention_blocks(cfg, 64) == [(0, 64)]                        # short: one block
+    assert attention_blocks(cfg, 160) == [(0, 64), (64, 128), (128, 160)]
+    assert attention_blocks(cfg, 1024) == [(a, a + 128) for a in range(0, 1024, 128)]
+    assert attention_blocks(cfg.replace(attention_block=0), 1024) == [(0, 1024)]
+    assert attention_blocks(cfg.replace(attention_block=50), 120) == [(0, 50), (50, 100),
+                                                                     (100, 120)]
+    tokens, mask = _batch(t=160)
+    select = jnp.asarray([[150, 159]] * 3, jnp.int32)
+    outs = []
+    for block in (0, None):     # one block vs the auto blocks (3 of them)
+        m = init_model(ModelConfig(**BASE, attention_block=block), seed=0)
+        g, st = nnx.split(m)
+
+        def loss(st):
+            h = nnx.merge(g, st).hidden(tokens, mask)
+            return jnp.sum((h * mask[..., None]) ** 2), h
+        (_, h), gr = jax.jit(jax.value_and_grad(loss, has_aux=True))(st)
+        outs.append((np.asarray(h)[np.asarray(mask) > 0], jax.tree.leaves(gr),
+                     np.asarray(m.hidden(tokens, mask, select=select))))
+    (h0, g0, s0), (h1, g1, s1) = outs
+    np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s1, s0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())

@@ -4,7 +4,6 @@ same token as jaxrlhf, for single rows and padded batches, when the tokenizer ha
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from chat_fixtures import smollm2_like

@@ -1,7 +1,10 @@
 """Attention implementations side by side in one process: the einsum path against
-`jax.nn.dot_product_attention` (model.attention = "einsum" | "xla" [| "cudnn" on a GPU]).
+`jax.nn.dot_product_attention` (model.attention = "einsum" | "xla" [| "cudnn" on a GPU]), and
+the einsum path's causal query blocks against one block ("einsum/0": attention_block=0).
 
     python tools/bench_attention.py --hf /tmp/smollm2            # SmolLM2's shapes
+    python tools/bench_attention.py --hf /tmp/smollm2 --impls einsum/0,einsum --remat full \
+        --seq 512 --new 0                                        # query blocks, train step only
     python tools/bench_attention.py --preset small --batch 8
 
 The model is the config (`--hf` reads config.json only) with random weights, fp32 on CPU
@@ -9,7 +12,7 @@ The model is the config (`--hf` reads config.json only) with random weights, fp3
 load hits all alike:
   train_step_s   value_and_grad of a forward over --batch x --seq tokens (one row left-padded)
   decode_ms      one greedy decode step: (generate --new tokens - generate 1 token) / (new - 1),
-                 batch --batch, prompt --prompt
+                 batch --batch, prompt --prompt (--new 0: not measured)
   temp_mb        XLA's temporaries of the train-step program
   tokens_equal   greedy tokens equal to the einsum path's
 Prints one JSON object; --out writes it too.
@@ -39,6 +42,7 @@ def parse_args(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--remat", default="none", help="the model's remat policy")
     ap.add_argument("--out", default="")
     return ap.parse_args(argv)
 
@@ -63,8 +67,10 @@ def main(argv=None):
     prompt = tokens[:, :args.prompt]
     pmask = mask[:, :args.prompt]
     runs = {}
-    for impl in args.impls.split(","):
-        model = init_model(cfg.replace(attention=impl), seed=0)
+    for variant in args.impls.split(","):
+        impl, _, block = variant.partition("/")
+        model = init_model(cfg.replace(attention=impl, remat=args.remat,
+                                       attention_block=int(block) if block else None), seed=0)
         graphdef, state = nnx.split(model)
 
         def loss(st):
@@ -75,9 +81,9 @@ def main(argv=None):
         gen = lambda n: generate(model, prompt, pmask, jax.random.key(0), max_new_tokens=n,
                                  eos_id=-1, pad_id=0, greedy=True)
         jax.block_until_ready(step(state))
-        first = gen(args.new)
+        first = gen(max(args.new, 1))
         jax.block_until_ready(gen(1).response_tokens)
-        runs[impl] = dict(step=lambda step=step, state=state: jax.block_until_ready(step(state)),
+        runs[variant] = dict(step=lambda step=step, state=state: jax.block_until_ready(step(state)),
                           gen=gen, temp=temp, tokens=np.asarray(first.response_tokens),
                           train=[], decode=[])
     for _ in range(args.rounds):
@@ -85,6 +91,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             r["step"]()
             r["train"].append(time.perf_counter() - t0)
+            if args.new < 2:
+                continue
             t0 = time.perf_counter()
             jax.block_until_ready(r["gen"](args.new).response_tokens)
             t_new = time.perf_counter() - t0
@@ -96,10 +104,11 @@ def main(argv=None):
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, load "
                       f"{os.getloadavg()[0]:.1f}",
            "batch": args.batch, "seq": args.seq, "prompt": args.prompt, "new": args.new,
-           "dtype": cfg.dtype, "impls": {}}
+           "dtype": cfg.dtype, "remat": args.remat, "impls": {}}
     for impl, r in runs.items():
         out["impls"][impl] = {"train_step_s": round(min(r["train"]), 3),
-                              "decode_ms": round(1000 * min(r["decode"]), 2),
+                              "decode_ms": round(1000 * min(r["decode"]), 2) if r["decode"]
+                              else None,
                               "temp_mb": round(r["temp"] / 2 ** 20, 1),
                               "tokens_equal": bool((r["tokens"] == base).all())}
     print(json.dumps(out, indent=1))

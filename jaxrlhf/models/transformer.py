@@ -268,6 +268,21 @@ def resolve_attention(cfg: ModelConfig, dtype=None, backend: Optional[str] = Non
     return "einsum"
 
 
+def attention_blocks(cfg: ModelConfig, t: int) -> list:
+    """Query blocks [(start, end), ...] of a causal full forward over T positions: block
+    [a, e) attends keys [0, e) only, since keys past e are masked for every query in it, so
+    the masked upper triangle of the T x T scores is skipped (up to (n - 1) / 2n of the
+    attention work in n blocks, and as much of its float32 logits memory). The rows equal
+    one block's up to float rounding. `cfg.attention_block` positions per block; None =
+    auto: max(64, ceil(T / 8)) for T >= 128 (at most 8 blocks), one block below; 0 = off."""
+    c = cfg.attention_block
+    if c is None:
+        c = max(64, -(-t // 8)) if t >= 128 else t
+    if not c or c >= t:
+        return [(0, t)]
+    return [(a, min(a + c, t)) for a in range(0, t, c)]
+
+
 def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS, scale: float,
                           implementation: str):
     """`jax.nn.dot_product_attention` with our boolean mask [B, T, S] (causal, padding and
@@ -342,15 +357,23 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions_BxT, inv_freq)
         return q, k, v
 
-    def attend(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
+    def attend(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS, causal=False):
         """softmax(q k^T * attn_scale + mask) v with query heads grouped over kv heads,
         through the config's attention implementation (`resolve_attention`), then the
-        output projection."""
+        output projection. `causal`: keys j > query i are masked (a full forward), which
+        the einsum path uses to skip them (`attention_blocks`)."""
         cfg, dt = self.cfg, q_BxTxHxDh.dtype
         b, t, h, dh = q_BxTxHxDh.shape
         impl = resolve_attention(cfg, dt)
         if impl == "einsum":
-            out = self._attend_einsum(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS)
+            blocks = attention_blocks(cfg, t) if causal and t == k_BxSxKxDh.shape[1] else []
+            if len(blocks) > 1:
+                out = jnp.concatenate(
+                    [self._attend_einsum(q_BxTxHxDh[:, a:e], k_BxSxKxDh[:, :e],
+                                         v_BxSxKxDh[:, :e], allowed_BxTxS[:, a:e, :e])
+                     for a, e in blocks], axis=1)
+            else:
+                out = self._attend_einsum(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS)
         else:
             out = dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS,
                                         cfg.attn_scale, impl).reshape(b, t, h * dh)
@@ -433,8 +456,10 @@ class Block(nnx.Module):
             self.post_attn_norm = Norm(cfg, rngs=rngs)
             self.post_mlp_norm = Norm(cfg, rngs=rngs)
 
-    def __call__(self, x, positions_BxT, kv_fn, select=None, local=None):
-        """`kv_fn(k, v) -> (keys, values, allowed)` supplies the attended keys (cache or not).
+    def __call__(self, x, positions_BxT, kv_fn, select=None, local=None, causal=False):
+        """`kv_fn(k, v) -> (keys, values, allowed)` supplies the attended keys (cache or not);
+        `causal`: they are the queries' own positions under a causal mask (a full forward),
+        so attention may skip the masked upper triangle (`Attention.attend`).
         With `select` (see `select_rows`) the block computes its output only at the selected
         rows [B, Q, D]: queries, attention output and MLP there, keys and values everywhere.
         `local`: whether this is a sliding layer (its RoPE base, `Attention.qkv`). With
@@ -443,7 +468,7 @@ class Block(nnx.Module):
         keys, values, allowed = kv_fn(k, v)
         if select is not None:
             x, allowed = select_rows(x, select), select_rows(allowed, select)
-        a = self.attn.attend(q, keys, values, allowed)
+        a = self.attn.attend(q, keys, values, allowed, causal=causal and select is None)
         x = x + (self.post_attn_norm(a) if self.post_norms else a)
         m = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(m) if self.post_norms else m)
@@ -537,7 +562,8 @@ class Transformer(nnx.Module):
             def step(h, extra, layer_state, idx):
                 block = nnx.merge(graphdef, layer_state)
                 kv_fn, get_extra = kv_fn_for_layer(extra, idx)
-                return block(h, positions_BxT, kv_fn, select, self._is_local(idx)), get_extra()
+                return (block(h, positions_BxT, kv_fn, select, self._is_local(idx), causal=True),
+                        get_extra())
             if policy is None:
                 return step
             return jax.checkpoint(step, policy=policy, prevent_cse=False)

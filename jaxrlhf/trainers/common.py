@@ -148,9 +148,10 @@ def check_tokenizer(tokenizer, model_cfg: ModelConfig, init_dirs: Mapping[str, s
 
 
 def with_run_options(model, model_block):
-    """`config.model.remat` / `attention` / `scan_unroll` / `logits_chunk` (how to run, not
-    what the weights are) applied to a loaded model when set."""
-    for field in ("remat", "attention", "scan_unroll", "logits_chunk"):
+    """`config.model.remat` / `attention` / `attention_block` / `scan_unroll` /
+    `logits_chunk` (how to run, not what the weights are) applied to a loaded model when
+    set."""
+    for field in ("remat", "attention", "attention_block", "scan_unroll", "logits_chunk"):
         if model_block.get(field) is not None and model_block[field] != getattr(model.cfg, field):
             model.cfg = model.cfg.replace(**{field: model_block[field]})
     return model
