@@ -28,6 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import _bench_common as bc  # noqa: E402  (tools/, beside this script)
 
 
 def parse_args(argv=None):
@@ -113,8 +114,7 @@ def main(argv=None):
                               "tokens_equal": bool((r["tokens"] == base).all())}
     print(json.dumps(out, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        bc.write_result(out, "", args.out)
     return out
 
 

@@ -33,6 +33,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import _bench_common as bc  # noqa: E402  (tools/, beside this script)
 
 GIB = 2 ** 30
 
@@ -110,9 +111,9 @@ def budget(cfg, stage: str, batch: int, seq: int) -> dict:
                 "valid": sds((pairs, 2), jnp.int32)}
     step = common.compile_step(fn, state_sh, shd.batch_sharding(mesh))
     ma = step.lower(state, data).compile().memory_analysis()
-    nbytes = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
     peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
             + ma.temp_size_in_bytes)
+    nbytes = bc.param_bytes
     return {"params": nbytes(params), "opt_state": nbytes(opt_state), "batch": nbytes(data),
             "arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
             "donated_aliases": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes,
@@ -138,8 +139,7 @@ def main(argv=None):
               f"{'fits' if row['fits'] else 'does NOT fit'} {limit:.2f} GiB", file=sys.stderr)
     print(json.dumps(out, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        bc.write_result(out, "", args.out)
     return out
 
 
