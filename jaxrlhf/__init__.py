@@ -12,9 +12,13 @@ With JAXRLHF_HOST_MALLOC=reuse, importing jaxrlhf tunes glibc malloc so XLA's pe
 buffers are reused instead of page-faulted in at every step: faster for small models, but it
 multiplies peak memory at real-model scale, so it is off by default (see
 `jaxrlhf/_host_malloc.py`). Import jaxrlhf before jax for it to cover XLA's threads.
+`python -m jaxrlhf.train` instead re-executes itself once with glibc's transparent-huge-page
+malloc tunable (same module; JAXRLHF_HOST_MALLOC=default turns it off).
 """
-from jaxrlhf._host_malloc import tune_host_malloc as _tune_host_malloc
+from jaxrlhf._host_malloc import (reexec_train_cli_with_hugepages as _reexec_hugepages,
+                                  tune_host_malloc as _tune_host_malloc)
 
+_reexec_hugepages()
 _tune_host_malloc()
 
 __version__ = "0.1.0"

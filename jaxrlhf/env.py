@@ -56,6 +56,21 @@ def _model_attention(model, init_dir: str) -> str:
     return _ATTENTION[resolve_attention(cfg)]
 
 
+def _cli_malloc() -> str:
+    """The host allocator setting `python -m jaxrlhf.train` runs with in this environment."""
+    from jaxrlhf import _host_malloc
+    env = dict(os.environ)
+    if env.get("JAXRLHF_HOST_MALLOC", "").lower() == "hugepages":
+        env.pop("JAXRLHF_HOST_MALLOC")   # this process may itself be the re-executed CLI
+        env["GLIBC_TUNABLES"] = ":".join(
+            t for t in env.get("GLIBC_TUNABLES", "").split(":")
+            if t and not t.startswith("glibc.malloc.hugetlb"))
+    if _host_malloc.hugepage_env(env) is not None:
+        return f"hugepages ({_host_malloc.HUGEPAGE_TUNABLE})"
+    mode = env.get("JAXRLHF_HOST_MALLOC", "").lower()
+    return mode if mode in ("reuse", "default") else "default (no transparent huge pages here)"
+
+
 def describe(config=None) -> Dict[str, Any]:
     """The environment report as a dict (what `main` prints)."""
     import jax
@@ -73,6 +88,7 @@ def describe(config=None) -> Dict[str, Any]:
         "device_memory_gb": _memory_gb(devices[0]),
         "dtype_auto": resolve_dtype("auto"),
         "attention_auto": _ATTENTION[resolve_attention(ModelConfig(), resolve_dtype("auto"))],
+        "cli_host_malloc": _cli_malloc(),
     }
     if config is not None:
         from jaxrlhf import sharding as shd

@@ -32,6 +32,22 @@ def test_describe_reports_the_mesh_and_model_of_a_config():
     assert report["model"]["attention"].startswith("einsum")   # CPU: the einsum path
 
 
+def test_describe_reports_the_cli_allocator(monkeypatch):
+    from jaxrlhf import _host_malloc
+    monkeypatch.setattr(_host_malloc, "hugepage_env", lambda e: None if
+                        e.get("JAXRLHF_HOST_MALLOC") or "hugetlb" in e.get("GLIBC_TUNABLES", "")
+                        else dict(e))
+    monkeypatch.delenv("JAXRLHF_HOST_MALLOC", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert env.describe()["cli_host_malloc"].startswith("hugepages")
+    # Inside the re-executed CLI (both variables set by the re-exec) the answer is the same.
+    monkeypatch.setenv("JAXRLHF_HOST_MALLOC", "hugepages")
+    monkeypatch.setenv("GLIBC_TUNABLES", _host_malloc.HUGEPAGE_TUNABLE)
+    assert env.describe()["cli_host_malloc"].startswith("hugepages")
+    monkeypatch.setenv("JAXRLHF_HOST_MALLOC", "default")
+    assert env.describe()["cli_host_malloc"] == "default"
+
+
 def test_describe_resolves_attention_from_an_hf_config():
     c = load_config("sft")
     c.init_from = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3")

@@ -23,6 +23,42 @@ import numpy as np
 import jaxrlhf  # noqa: E402,F401
 
 
+def side_env(env, side: str, malloc: str = "hugepages") -> dict:
+    """Environment of a benchmark's child process.
+
+    side "jax": JAXRLHF_HOST_MALLOC=`malloc`; "hugepages" (what `python -m jaxrlhf.train`
+    runs with) adds glibc's transparent-huge-page tunable where the machine has it
+    (`jaxrlhf._host_malloc.hugepage_env`), else falls back to "default".
+    side "competitor": glibc as a plain `python` starts (any huge-page tunable removed), or,
+    with JAXRLHF_BENCH_COMPETITOR_HUGEPAGES=1 in the environment, with the same tunable, to
+    measure the competitor under jaxrlhf's allocator setting too.
+    """
+    from jaxrlhf import _host_malloc
+
+    env = dict(env)
+    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith("glibc.malloc.hugetlb")]
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    if side == "competitor":
+        env["JAXRLHF_HOST_MALLOC"] = "default"
+        if env.get("JAXRLHF_BENCH_COMPETITOR_HUGEPAGES") == "1":
+            env.pop("JAXRLHF_HOST_MALLOC")
+            env = _host_malloc.hugepage_env(env) or env
+        return env
+    if malloc == "hugepages":
+        env.pop("JAXRLHF_HOST_MALLOC", None)
+        return _host_malloc.hugepage_env(env) or dict(env, JAXRLHF_HOST_MALLOC="default")
+    return dict(env, JAXRLHF_HOST_MALLOC=malloc)
+
+
+def allocator_note(env) -> str:
+    """The allocator setting a child process ran with, for the JSON."""
+    mode = env.get("JAXRLHF_HOST_MALLOC", "default")
+    return mode + (" (GLIBC_TUNABLES=" + env["GLIBC_TUNABLES"] + ")"
+                   if env.get("GLIBC_TUNABLES") else "")
+
+
 def pin_cpu_threads(n: int) -> List[int]:
     """Pins the process to the first `n` allowed cores and sets thread-count env vars.
 

@@ -430,16 +430,17 @@ def worker(flag, spec_path):
 
 
 def _child(flag, spec, work) -> dict:
-    """This script as `flag SPEC` in a fresh child process (it inherits the CPU affinity and
-    the environment): the JSON of its last stdout line."""
+    """This script as `flag SPEC` in a fresh child process (it inherits the CPU affinity; the
+    environment of its side, `bench_ppo.jax_env` / `trl_env`): the JSON of its last stdout
+    line."""
     import subprocess
 
     path = os.path.join(work, f"{flag[2:]}_{spec['mode']}_{spec.get('torch_threads', 0)}.json")
     with open(path, "w") as f:
         json.dump(spec, f)
     cmd = [sys.executable, os.path.abspath(__file__), flag, path]
-    stdout = subprocess.check_output(cmd, text=True, env=dict(os.environ,
-                                                              JAXRLHF_NO_PROGRESS="1"))
+    env = bp.jax_env() if flag == "--jax-worker" else bp.trl_env()
+    stdout = subprocess.check_output(cmd, text=True, env=dict(env, JAXRLHF_NO_PROGRESS="1"))
     return json.loads(stdout.strip().splitlines()[-1])
 
 

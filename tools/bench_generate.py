@@ -57,8 +57,9 @@ import time
 # The toy presets were measured with the opt-in glibc malloc tuning (see
 # jaxrlhf/_host_malloc.py); set before jaxrlhf is imported. Export
 # JAXRLHF_HOST_MALLOC=default to measure without it.
-# A real model (--hf) runs with the allocator the CLI uses (glibc's default) unless exported.
-REAL_MODEL_MALLOC = os.environ.get("JAXRLHF_HOST_MALLOC", "default")
+# A real model (--hf) runs with the allocator the CLI uses (glibc with transparent huge
+# pages, `_bench_common.side_env`) unless exported; HF with glibc's defaults.
+REAL_MODEL_MALLOC = os.environ.get("JAXRLHF_HOST_MALLOC", "hugepages")
 os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
 
 import _bench_common as bc  # noqa: E402
@@ -183,11 +184,13 @@ def bench_hf(args, cores) -> dict:
 
     from jaxrlhf.models.hf_io import config_from_hf, read_json
     bandwidth = bc.memory_bandwidth_gbps()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), JAXRLHF_NO_PROGRESS="1",
-               JAXRLHF_HOST_MALLOC=REAL_MODEL_MALLOC)
+    base = dict(os.environ, OMP_NUM_THREADS=str(args.threads), JAXRLHF_NO_PROGRESS="1")
+    envs = {"jax": bc.side_env(base, "jax", REAL_MODEL_MALLOC),
+            "hf": bc.side_env(base, "competitor")}
     cpus = ",".join(str(c) for c in cores)
     sides = {}
     for side in ("jax", "hf"):
+        env = envs[side]
         cmd = ["taskset", "-c", cpus, sys.executable, os.path.abspath(__file__), "--worker",
                side, "--hf", args.hf, "--batch", str(args.batch), "--prompt",
                str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
@@ -206,7 +209,8 @@ def bench_hf(args, cores) -> dict:
                      "group_prompts": args.group_prompts, "temperature": 1.0,
                      "threads": args.threads, "repeats": args.repeats, "dtype": "float32",
                      "processes": "one fresh process per side",
-                     "jaxrlhf_host_malloc": REAL_MODEL_MALLOC},
+                     "jaxrlhf_host_malloc": bc.allocator_note(envs["jax"]),
+                     "hf_host_malloc": bc.allocator_note(envs["hf"])},
            "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
                        "floor_gbps": round(bw, 2), "load_average_end": os.getloadavg()},
            "jax": sides["jax"], "hf": sides["hf"]}

@@ -411,7 +411,7 @@ def run_trl_threads(args, policy_dir, prompts, prompt_ids, work):
                 "out_dir": os.path.join(work, f"trl{t}"), "torch_threads": t,
                 "abort_s": 5 * min(done) if done else None}
         res = _worker("--trl-worker", spec, os.path.join(work, f"trl{t}_spec.json"),
-                      env=dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"))
+                      env=bp.trl_env())
         if "error" in res:
             return res
         runs[str(t)] = res
@@ -457,7 +457,8 @@ def bench_model(name, args, actor, tok_spec, prompts, use_trl, root):
     for r in range(args.repeats):
         spec = {"args": vars(args), "sft_dir": sft_dir, "prompts_path": prompts_path,
                 "stage_dir": os.path.join(work, f"grpo{r}")}
-        jax_rounds.append(_worker("--jax-worker", spec, os.path.join(work, f"jax{r}.json")))
+        jax_rounds.append(_worker("--jax-worker", spec, os.path.join(work, f"jax{r}.json"),
+                                  env=bp.jax_env()))
         if not use_trl:
             continue
         runs = run_trl_threads(args, policy_dir, prompts, prompt_ids, work)

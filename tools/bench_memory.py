@@ -61,8 +61,9 @@ def parse_args():
 
 def add_jax_run_args(ap) -> None:
     """How the jaxrlhf worker runs (shared with bench_model.py --hf)."""
-    ap.add_argument("--malloc", default="default", choices=["default", "reuse"],
-                    help="JAXRLHF_HOST_MALLOC for the jaxrlhf processes (PyTorch: default)")
+    ap.add_argument("--malloc", default="hugepages", choices=["hugepages", "default", "reuse"],
+                    help="JAXRLHF_HOST_MALLOC for the jaxrlhf processes (hugepages: as the "
+                         "CLI runs; PyTorch: glibc's defaults)")
     ap.add_argument("--logits_chunk", type=int, default=-1,
                     help="jaxrlhf model.logits_chunk (default: the model's)")
 
@@ -194,11 +195,12 @@ def worker(args) -> dict:
 
 
 def run_worker(args, mode: str) -> dict:
+    import _bench_common as bc
+
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), JAXRLHF_NO_PROGRESS="1")
-    # PyTorch always runs with glibc's defaults (its process imports jaxrlhf's config helpers).
-    env["JAXRLHF_HOST_MALLOC"] = "default"
-    if mode.startswith("jax") or mode.startswith("stage"):
-        env["JAXRLHF_HOST_MALLOC"] = args.malloc
+    # PyTorch runs with glibc's defaults (its process imports jaxrlhf's config helpers).
+    side = "jax" if mode.startswith("jax") or mode.startswith("stage") else "competitor"
+    env = bc.side_env(env, side, args.malloc)
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:args.threads])
     if mode.startswith("stage"):
         return run_stage(args, mode, env, cpus)

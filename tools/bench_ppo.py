@@ -133,8 +133,9 @@ import time
 # The toy presets were measured with the opt-in glibc malloc tuning (see
 # jaxrlhf/_host_malloc.py); set before jaxrlhf is imported. Export
 # JAXRLHF_HOST_MALLOC=default to measure without it.
-# A real model (--hf) runs with the allocator the CLI uses (glibc's default) unless exported.
-REAL_MODEL_MALLOC = os.environ.get("JAXRLHF_HOST_MALLOC", "default")
+# A real model (--hf) runs with the allocator the CLI uses (glibc with transparent huge
+# pages, `_bench_common.side_env`) unless exported; TRL with glibc's defaults.
+REAL_MODEL_MALLOC = os.environ.get("JAXRLHF_HOST_MALLOC", "hugepages")
 os.environ.setdefault("JAXRLHF_HOST_MALLOC", "reuse")
 
 import _bench_common as bc  # noqa: E402
@@ -162,6 +163,8 @@ def add_trainer_bench_args(ap, *, what: str, batch: int, new: int, batch_help: s
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (jaxrlhf, TRL) per preset; each side's fastest is reported")
     ap.add_argument("--hf", default="", help="a local HF causal-LM dir: real-model mode")
+    ap.add_argument("--remat", default=None,
+                    help="--hf: jaxrlhf's model.remat (default: the pretrained-model recipe's)")
     ap.add_argument("--out", default="", help="where to write the JSON")
 
 
@@ -198,7 +201,18 @@ def note_trl_and_malloc(out: dict, args, has_trl: bool, trl_info, trainer: str) 
                            f"to compare against {trainer}.")
     if args.hf:
         os.environ["JAXRLHF_HOST_MALLOC"] = REAL_MODEL_MALLOC
-        out["setup"]["jaxrlhf_host_malloc"] = REAL_MODEL_MALLOC
+        out["setup"]["jaxrlhf_host_malloc"] = bc.allocator_note(jax_env())
+        out["setup"]["trl_host_malloc"] = bc.allocator_note(trl_env())
+
+
+def jax_env() -> dict:
+    """Environment of a jaxrlhf worker: the allocator JAXRLHF_HOST_MALLOC names."""
+    return bc.side_env(os.environ, "jax", os.environ.get("JAXRLHF_HOST_MALLOC", "default"))
+
+
+def trl_env() -> dict:
+    """Environment of a TRL worker (glibc as a plain python starts; `bc.side_env`)."""
+    return dict(bc.side_env(os.environ, "competitor"), TRL_EXPERIMENTAL_SILENCE="1")
 
 
 def parse_args():
@@ -296,8 +310,8 @@ def jax_config(args, dirs, prompts_path):
     c.data.path = prompts_path
     c.data.format = "prompt"
     c.data.chat_template = "raw"   # the prompt ids are the text's ids, as TRL gets them
-    if args.hf:
-        c.model.remat = "full"      # the pretrained-model recipe (configs/ppo.py:data=hh)
+    if args.hf:   # the pretrained-model recipe's (configs/ppo.py:data=hh) unless --remat
+        c.model.remat = getattr(args, "remat", None) or "full"
     c.lora.rank = int(getattr(args, "lora_rank", 0))
     c.data.buckets = (args.prompt,)
     c.data.max_len = args.prompt
@@ -590,7 +604,7 @@ def run_jax_subprocess(args, dirs, prompts_path, stage_dir):
     slower when it runs after tiny in one process)."""
     spec = {"args": vars(args), "dirs": dirs, "prompts_path": prompts_path,
             "stage_dir": stage_dir}
-    out, rc = _run_worker("--jax-worker", spec, stage_dir + "_jax_spec.json")
+    out, rc = _run_worker("--jax-worker", spec, stage_dir + "_jax_spec.json", env=jax_env())
     if rc:
         raise RuntimeError(f"jaxrlhf worker failed (exit {rc}); see stderr")
     return out
@@ -612,7 +626,7 @@ def run_trl_subprocess(args, actor, rm, prompt_ids, work):
             "threads": trl_thread_counts(args), "out_dir": work,
             "expected_logits": os.path.join(work, "expected_logits.npy")}
     out, rc = _run_worker("--trl-worker", spec, os.path.join(work, "trl_spec.json"),
-                          env=dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"))
+                          env=trl_env())
     if rc:
         return None, f"TRL worker failed (exit {rc}); see stderr"
     return out, None
