@@ -14,6 +14,7 @@ Both are the identity on local paths.
 """
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
 import hashlib
@@ -156,14 +157,22 @@ def staged_dir(dst: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_CACHE_ROOTS: set = set()   # download caches this process created (removed at exit)
+
+
 def local_copy(src: str) -> str:
     """A local directory with src's files: src itself when local, else a download into a
     per-process cache under the temp directory (one download per URL and process; the
-    checkpoints/ subdirectories of stage directories are not downloaded)."""
+    checkpoints/ subdirectories of stage directories are not downloaded). The cache is
+    removed when the process exits."""
     if not is_remote(src):
         return src
     key = hashlib.sha1(src.encode()).hexdigest()[:16]
-    dst = os.path.join(tempfile.gettempdir(), f"jaxrlhf-cache-{os.getpid()}", key)
+    root = os.path.join(tempfile.gettempdir(), f"jaxrlhf-cache-{os.getpid()}")
+    if root not in _CACHE_ROOTS:
+        _CACHE_ROOTS.add(root)
+        atexit.register(shutil.rmtree, root, True)
+    dst = os.path.join(root, key)
     if not os.path.isdir(dst):
         copytree(src, dst + ".part", skip=("checkpoints",))
         os.replace(dst + ".part", dst)

@@ -78,6 +78,8 @@ def test_layer_on_a_bucket(bucket):
     assert sorted(os.listdir(local)) == ["a.json", "hf", "log.jsonl", "sub"]   # no checkpoints
     with open(os.path.join(local, "hf", "w.bin"), "rb") as f:
         assert f.read() == b"\x00\x01"
+    root = os.path.dirname(local)   # the process's download cache, removed at exit
+    assert root in paths._CACHE_ROOTS and os.path.basename(root) == f"jaxrlhf-cache-{os.getpid()}"
     paths.rmtree(paths.join(d, "sub"))
     assert not paths.exists(paths.join(d, "sub"))
 
