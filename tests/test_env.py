@@ -99,3 +99,20 @@ def test_device_budget_counts_the_donated_state_and_remat_shrinks_temporaries():
     assert full["temp"] < none["temp"]
     assert none["peak"] == (none["arguments"] + none["outputs"] - none["donated_aliases"]
                             + none["temp"])
+
+
+def test_profile_decode_reads_shapes_and_operands_from_optimized_hlo(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import profile_decode as pd
+
+    (tmp_path / "m.jit__generate_impl.cpu_after_optimizations.txt").write_text(
+        "  %w.1 = f32[576,1536]{1,0} get-tuple-element(%p), index=3\n"
+        "  %x.2 = f32[8,576]{1,0} parameter(0)\n"
+        "  %ynn_fusion.7 = f32[8,1536]{1,0} fusion(%x.2, %w.1), kind=kCustom, calls=%c\n"
+        "  ROOT %t = (s32[], f32[8,1536]{1,0}) tuple(%i, %ynn_fusion.7)\n")
+    table = pd._hlo_table(str(tmp_path), "*jit__generate_impl*after_optimizations.txt")
+    assert table["ynn_fusion.7"] == ("f32[8,1536]", "fusion", ["x.2", "w.1"])
+    assert [table[o][0] for o in table["ynn_fusion.7"][2]] == ["f32[8,576]", "f32[576,1536]"]
+    assert pd._nbytes("f32[576,1536]") == 576 * 1536 * 4
+    assert pd._nbytes("bf16[8,3]") == 48 and pd._nbytes("s32[]") == 4
+    assert not pd._is_op("ThunkExecutor::Execute") and pd._is_op("ynn_fusion.7")
