@@ -267,18 +267,22 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     sample = dict(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                   greedy=opts.greedy)
 
-    # The whole prompt is prefilled at once, into a cache sized exactly P + N (one sample
-    # per prompt), or P (K samples: `_repeat_cache` then makes the B·K rows' P + N cache).
+    # The whole prompt is prefilled at once by the layer scan (`Transformer.prefill`), its
+    # keys and values padded into a cache sized exactly P + N (one sample per prompt), or P
+    # (K samples: `_repeat_cache` then makes the B·K rows' P + N cache).
     layers = model.unstacked_layers()
     place = lambda x: _constrain(x, ("batch", "kv_heads", "length", "head_dim"), opts)
-    cache = model.init_cache(num_prompts, p + n if k == 1 else p, place=place)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-    # The first token comes from each row's last real token (any padding layout): the
-    # prefill's last layer runs only there.
+    # The first token comes from each row's last real token (any padding layout).
     last = jnp.max(jnp.where(prompt_mask_BxP > 0, jnp.arange(p, dtype=jnp.int32), 0), axis=-1)
-    h_Bx1xD, cache = model.hidden_cached(prompt_BxP, prompt_mask_BxP,
-                                         positions_from_mask(prompt_mask_BxP), cache,
-                                         select=last[:, None], layers=layers)
+    h_Bx1xD, ks, vs = model.prefill(prompt_BxP, prompt_mask_BxP,
+                                    positions_from_mask(prompt_mask_BxP), last[:, None])
+    extra = n if k == 1 else 0
+    grow = lambda x: place(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))))
+    cache = KVCache(k=tuple(grow(ks[i]) for i in range(ks.shape[0])),
+                    v=tuple(grow(vs[i]) for i in range(vs.shape[0])),
+                    mask=jnp.pad(prompt_mask_BxP, ((0, 0), (0, extra))),
+                    index=jnp.asarray(p, jnp.int32))
     if k > 1:
         cache = _repeat_cache(cache, k, n, place)
         h_Bx1xD, prompt_BxP, prompt_mask_BxP = (
