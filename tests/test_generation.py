@@ -157,6 +157,25 @@ def test_kv_cache_decoding_matches_full_forward(model):
     np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=1e-5)
 
 
+def test_prefill_scan_equals_the_cached_forward_on_an_empty_cache(model):
+    """`Transformer.prefill` (the sampler's scanned prefill) gives the keys / values that the
+    cached forward writes into an empty cache, and its hidden state at each row's last real
+    token, for a left-padded batch."""
+    toks, mask = prompts(batch=3, length=7)
+    pos = positions_from_mask(mask)
+    last = jnp.max(jnp.where(mask > 0, jnp.arange(7), 0), axis=-1)[:, None]
+    h, ks, vs = model.prefill(toks, mask, pos, last)
+    want_h, cache = model.hidden_cached(toks, mask, pos, model.init_cache(3, 7), select=last)
+    assert ks.shape == (CFG.n_layers, 3, CFG.n_kv_heads, 7, CFG.dim_per_head)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(want_h), atol=2e-5, rtol=1e-5)
+    # Real slots only: padding slots are masked out of every attention either way.
+    real = np.broadcast_to(np.asarray(mask, bool)[:, None, :, None], ks.shape[1:])
+    for i in range(CFG.n_layers):
+        for got, want in ((ks[i], cache.k[i]), (vs[i], cache.v[i])):
+            np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real],
+                                       atol=2e-5, rtol=1e-5)
+
+
 def test_greedy_equals_stepwise_argmax_of_full_forward(model):
     _check_greedy_against_full_forward(model)
 
