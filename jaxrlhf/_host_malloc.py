@@ -116,6 +116,19 @@ def hugepage_env(env: Mapping[str, str], thp_path: str = _THP_ENABLED) -> Option
     return out
 
 
+def without_hugepages(env: Mapping[str, str]) -> dict:
+    """`env` without glibc's huge-page tunable and without the JAXRLHF_HOST_MALLOC=hugepages
+    marker `hugepage_env` adds (other tunables and modes are kept)."""
+    out = dict(env)
+    tunables = [t for t in out.pop("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith("glibc.malloc.hugetlb")]
+    if tunables:
+        out["GLIBC_TUNABLES"] = ":".join(tunables)
+    if out.get("JAXRLHF_HOST_MALLOC", "").lower() == "hugepages":
+        del out["JAXRLHF_HOST_MALLOC"]
+    return out
+
+
 def _is_train_cli(orig_argv: Sequence[str]) -> bool:
     """The interpreter was started as `python [options] -m jaxrlhf.train ...`."""
     args = list(orig_argv[1:])

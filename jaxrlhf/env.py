@@ -59,12 +59,8 @@ def _model_attention(model, init_dir: str) -> str:
 def _cli_malloc() -> str:
     """The host allocator setting `python -m jaxrlhf.train` runs with in this environment."""
     from jaxrlhf import _host_malloc
-    env = dict(os.environ)
-    if env.get("JAXRLHF_HOST_MALLOC", "").lower() == "hugepages":
-        env.pop("JAXRLHF_HOST_MALLOC")   # this process may itself be the re-executed CLI
-        env["GLIBC_TUNABLES"] = ":".join(
-            t for t in env.get("GLIBC_TUNABLES", "").split(":")
-            if t and not t.startswith("glibc.malloc.hugetlb"))
+    # As the environment was before a re-executed CLI (this process may be one) added them.
+    env = _host_malloc.without_hugepages(os.environ)
     if _host_malloc.hugepage_env(env) is not None:
         return f"hugepages ({_host_malloc.HUGEPAGE_TUNABLE})"
     mode = env.get("JAXRLHF_HOST_MALLOC", "").lower()

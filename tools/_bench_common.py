@@ -35,17 +35,12 @@ def side_env(env, side: str, malloc: str = "hugepages") -> dict:
     """
     from jaxrlhf import _host_malloc
 
-    env = dict(env)
-    tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
-                if t and not t.startswith("glibc.malloc.hugetlb")]
-    if tunables:
-        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    env = _host_malloc.without_hugepages(env)
     if side == "competitor":
-        env["JAXRLHF_HOST_MALLOC"] = "default"
         if env.get("JAXRLHF_BENCH_COMPETITOR_HUGEPAGES") == "1":
-            env.pop("JAXRLHF_HOST_MALLOC")
-            env = _host_malloc.hugepage_env(env) or env
-        return env
+            env.pop("JAXRLHF_HOST_MALLOC", None)
+            return _host_malloc.hugepage_env(env) or dict(env, JAXRLHF_HOST_MALLOC="default")
+        return dict(env, JAXRLHF_HOST_MALLOC="default")
     if malloc == "hugepages":
         env.pop("JAXRLHF_HOST_MALLOC", None)
         return _host_malloc.hugepage_env(env) or dict(env, JAXRLHF_HOST_MALLOC="default")

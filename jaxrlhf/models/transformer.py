@@ -613,13 +613,7 @@ class Transformer(nnx.Module):
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
         if positions_BxT is None:
             positions_BxT = positions_from_mask(mask_BxT)
-        t = tokens_BxT.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        allowed = causal[None] & (mask_BxT[:, None, :] > 0)
-        # Sliding layers: keys within the window. Rows are left-padded (real tokens
-        # contiguous), so index differences are position differences.
-        rows = jnp.arange(t, dtype=jnp.int32)
-        allowed_for = self._layer_masks(allowed, rows[:, None] - rows[None, :])
+        allowed_for = self._causal_masks(mask_BxT)
 
         def kv_fn_for_layer(extra, idx):
             mask = allowed_for(idx)
@@ -641,10 +635,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         b, p = tokens_BxP.shape
-        causal = jnp.tril(jnp.ones((p, p), jnp.bool_))
-        allowed = causal[None] & (mask_BxP[:, None, :] > 0)
-        rows = jnp.arange(p, dtype=jnp.int32)
-        allowed_for = self._layer_masks(allowed, rows[:, None] - rows[None, :])
+        allowed_for = self._causal_masks(mask_BxP)
         shape = (cfg.n_layers, b, cfg.n_kv_heads, p, cfg.dim_per_head)
         empty = (jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
 
@@ -667,6 +658,16 @@ class Transformer(nnx.Module):
         x, (ks, vs) = self._run_layers(x, positions_BxP, kv_fn_for_layer, carry_extra=empty,
                                        select=select)
         return self.final_norm(x), ks, vs
+
+    def _causal_masks(self, mask_BxT):
+        """layer index -> the attention mask [B, T, T] of a full causal forward: query i
+        attends real tokens j <= i, and sliding layers only keys within the window (rows are
+        left-padded, real tokens contiguous, so index differences are position differences)."""
+        t = mask_BxT.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        allowed = causal[None] & (mask_BxT[:, None, :] > 0)
+        rows = jnp.arange(t, dtype=jnp.int32)
+        return self._layer_masks(allowed, rows[:, None] - rows[None, :])
 
     def _is_local(self, idx):
         """Whether layer `idx` (int or traced) is a sliding layer, when that changes its RoPE
