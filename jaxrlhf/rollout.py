@@ -72,12 +72,15 @@ def response_rows(tokens, n_resp: int) -> slice:
     return slice(length - n_resp - 1, length - 1)
 
 
-def response_logprobs(graphdef, params, rollout, sampling: Sampling):
+def response_logprobs(graphdef, params, rollout, sampling: Sampling, group: int = 1):
     """log π(response token) [B, N] under the sampling distribution (the LM head chunked over
-    positions for large vocabularies: `Transformer.head_reduce`)."""
+    positions for large vocabularies: `Transformer.head_reduce`). `group` = K for a rollout
+    of K samples per prompt in sample order: each prompt's positions run once for its K rows
+    (`Transformer.hidden`)."""
     model = nnx.merge(graphdef, params)
     resp, tokens = rollout["response_tokens"], rollout["tokens"]
-    h = model.hidden(tokens, rollout["mask"], select=response_rows(tokens, resp.shape[1]))
+    h = model.hidden(tokens, rollout["mask"], select=response_rows(tokens, resp.shape[1]),
+                     group=group)
     return model.head_reduce(
         h, lambda z, y: sampling_logprobs(z, y, **sampling.logprob_kw()), resp)
 

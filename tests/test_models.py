@@ -138,6 +138,43 @@ def test_hidden_select_equals_full_forward_rows(n_layers, scan_unroll, remat):
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
 
 
+@pytest.mark.parametrize("name,n_layers,remat", [("llama", 3, "full"),
+                                                  ("gemma3_sliding", 2, "none")])
+def test_shared_prompt_forward_equals_the_full_forward(name, n_layers, remat):
+    """`hidden(select=slice(P - 1, T - 1), group=K)` on 3 prompts x 4 samples (each prompt
+    left-padded differently, repeated over its K rows; a response with padding) runs each
+    prompt once and gives the same rows and parameter gradients as the full forward: rolled
+    scan with remat, and Gemma 3's sliding window, local RoPE, post-norms and soft-capping.
+    Weights 3x the init's (peaked attention): with rows reading another group's prompt keys
+    (jnp.tile for jnp.repeat in `Block.shared_prefix`) half of the rows' values mismatch."""
+    cfg = CONFIGS[name].replace(n_layers=n_layers, remat=remat, scan_unroll=1)
+    groups, k, p, n = 3, 4, 6, 5
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(3, 256, (groups, p))
+    prompt_mask = np.ones((groups, p), np.int32)
+    prompt_mask[0, :2] = prompt_mask[2, :1] = 0
+    toks = np.concatenate([np.repeat(prompt * prompt_mask, k, 0),
+                           rng.integers(3, 256, (groups * k, n))], 1)
+    mask = np.concatenate([np.repeat(prompt_mask, k, 0), np.ones((groups * k, n), np.int32)], 1)
+    mask[5, -2:] = 0
+    toks, mask = jnp.asarray(toks, jnp.int32), jnp.asarray(mask)
+    g, s = nnx.split(init_model(cfg, seed=2))
+    s = jax.tree.map(lambda x: 3.0 * x, s)
+    sel = slice(p - 1, p + n - 1)
+    w = jax.random.normal(jax.random.key(4), (groups * k, n, cfg.d_model))
+
+    def loss(st, group):
+        return jnp.sum(w * nnx.merge(g, st).hidden(toks, mask, select=sel, group=group))
+
+    rows = {kk: jax.jit(lambda st, kk=kk: nnx.merge(g, st).hidden(toks, mask, select=sel,
+                                                                  group=kk))(s) for kk in (1, k)}
+    assert rows[k].shape == rows[1].shape == (groups * k, n, cfg.d_model)
+    np.testing.assert_allclose(rows[k], rows[1], atol=3e-5, rtol=1e-5)
+    grads = {kk: jax.jit(jax.grad(loss), static_argnums=1)(s, kk) for kk in (1, k)}
+    for a, b in zip(jax.tree.leaves(grads[k]), jax.tree.leaves(grads[1])):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_same_loss_and_grads(remat):
     cfg = CONFIGS["llama"]

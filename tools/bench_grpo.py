@@ -33,6 +33,9 @@ ppo_steps.py; trl/trainer/grpo_trainer.py 0.29.0):
               with no backward) -- its log-probs ARE pi_old, no separate
               old-log-prob forward --, reference forward (response positions), group
               advantages, loss, backward through the same actor forward, clip, optax AdamW;
+              the actor and reference forwards run each prompt's positions once for its 8
+              samples (`ppo.share_prompt_forward`, default on; `--share-prompt-forward 0`
+              runs all 32 rows at every position, as TRL does);
               a real model (--hf) runs `model.remat = "full"` (the forward recomputed in the
               backward), as the pretrained-model recipe does;
            4. the previous iteration's metrics read back to the host.
@@ -54,8 +57,9 @@ ppo_steps.py; trl/trainer/grpo_trainer.py 0.29.0):
               for the presets (jaxrlhf's toy runs keep activations too).
   Neither side computes an extra old-log-prob forward: each runs generate + reference forward
   + one policy forward/backward. Differences that remain: jaxrlhf prefills a prompt once for
-  its 8 samples (TRL: 32 prefills) and runs the trunk's last layer only at the response
-  positions (TRL: all layers at all positions, the LM head at the completion positions); the
+  its 8 samples (TRL: 32 prefills), and its training forwards run a prompt's positions once
+  for its 8 samples and stop at the last response position that predicts a token (TRL: all
+  32 rows at all positions, the LM head at the completion positions); the
   two remat schemes differ in detail (jaxrlhf "full" vs. HF's per-layer checkpointing);
   completion lengths differ by sampling (EOS), see completion_length_mean.
 
@@ -142,6 +146,9 @@ def parse_args():
     bp.add_trainer_bench_args(ap, what="GRPO", batch=4, new=128,
                               batch_help="prompts per iteration")
     ap.add_argument("--k", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--share-prompt-forward", type=int, default=1, choices=(0, 1),
+                    help="jaxrlhf's ppo.share_prompt_forward (1: each prompt's positions run "
+                         "once for its K samples in the actor / reference forwards)")
     return bp.real_model_defaults(ap.parse_args(), (("--prompt", 64), ("--iterations", 2),
                                                     ("--repeats", 1)))
 
@@ -199,6 +206,7 @@ def grpo_config(args, sft_dir, prompts_path):
     p.minibatch_size = args.batch * args.k   # one minibatch: scoring fused with the update
     p.reward_fns = REWARD_FN
     p.actor_lr = 1e-6
+    p.share_prompt_forward = bool(args.share_prompt_forward)
     assert p.kl_loss_coef == KL_LOSS_COEF and p.critic == "none", (p.kl_loss_coef, p.critic)
     return c
 
@@ -531,6 +539,7 @@ def main():
                   "max_new_tokens": args.new, "stop_at_eos": True, "temperature": 1.0,
                   "epochs": 1, "minibatch": args.batch * args.k, "kl_loss_coef": KL_LOSS_COEF,
                   "kl_loss_estimator": "k3", "loss": "grpo (per-sequence mean)",
+                  "jaxrlhf_share_prompt_forward": bool(args.share_prompt_forward),
                   "lr": 1e-6, "reward": REWARD_FN, "threads": args.threads,
                   "warmup_iterations": args.warmup, "timed_iterations": args.iterations,
                   "repeats": args.repeats,

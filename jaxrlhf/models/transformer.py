@@ -469,9 +469,29 @@ class Block(nnx.Module):
         if select is not None:
             x, allowed = select_rows(x, select), select_rows(allowed, select)
         a = self.attn.attend(q, keys, values, allowed, causal=causal and select is None)
+        return self._residuals(x, a)
+
+    def _residuals(self, x, a):
+        """x + attention output a, then + the MLP of that (each branch normed again with
+        post_norms)."""
         x = x + (self.post_attn_norm(a) if self.post_norms else a)
         m = self.mlp(self.mlp_norm(x))
         return x + (self.post_mlp_norm(m) if self.post_norms else m)
+
+    def shared_prefix(self, x_pair, positions_pair, allowed_pair, group: int, local=None):
+        """The block on a batch whose rows come in groups of `group` sharing their first S
+        positions, held once per group: (prefix [B/group, S, D], rows [B, Q, D]) -> same.
+        The prefix attends causally within itself; row r's queries attend the keys of its
+        group's prefix followed by its own, with `allowed_pair` = (prefix mask
+        [B/group, S, S], rows' mask [B, Q, S + Q]). Equals `__call__` on the full rows
+        (prefix repeated) at those positions, up to float rounding."""
+        (xp, xr), (pp, pr), (ap, ar) = x_pair, positions_pair, allowed_pair
+        qp, kp, vp = self.attn.qkv(self.attn_norm(xp), pp, None, local)
+        qr, kr, vr = self.attn.qkv(self.attn_norm(xr), pr, None, local)
+        keys = jnp.concatenate([jnp.repeat(kp, group, axis=0), kr], axis=1)
+        values = jnp.concatenate([jnp.repeat(vp, group, axis=0), vr], axis=1)
+        return (self._residuals(xp, self.attn.attend(qp, kp, vp, ap, causal=True)),
+                self._residuals(xr, self.attn.attend(qr, keys, values, ar)))
 
 
 class KVCache(NamedTuple):
@@ -549,18 +569,22 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
         return x
 
-    def _run_layers(self, x, positions_BxT, kv_fn_for_layer, carry_extra=None, select=None):
+    def _run_layers(self, x, positions_BxT, kv_fn_for_layer, carry_extra=None, select=None,
+                    apply_block=None):
         """Scans the stacked layers. `kv_fn_for_layer(extra, layer_idx)` returns a kv_fn and
         a function giving the new `extra` (used to thread the KV cache through the scan).
         With `select` and an unrolled scan (shallow models) the last layer runs after the scan
         and outputs only the selected rows (`Block.__call__`); a rolled scan runs all layers
-        on every row and the selected rows are taken after it."""
+        on every row and the selected rows are taken after it. `apply_block(block, x, idx)`
+        replaces the block call (x any pytree; no kv_fn, extra or select)."""
         graphdef, state = nnx.split(self.layers)
         policy = remat_policy(self.cfg.remat)
 
         def layer_fn(select):
             def step(h, extra, layer_state, idx):
                 block = nnx.merge(graphdef, layer_state)
+                if apply_block is not None:
+                    return apply_block(block, h, idx), extra
                 kv_fn, get_extra = kv_fn_for_layer(extra, idx)
                 return (block(h, positions_BxT, kv_fn, select, self._is_local(idx), causal=True),
                         get_extra())
@@ -596,7 +620,8 @@ class Transformer(nnx.Module):
             carry = layer_fn(select)(*carry, last, jnp.int32(n_scan))
         return carry
 
-    def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None, select=None):
+    def hidden(self, tokens_BxT, mask_BxT=None, positions_BxT=None, select=None,
+               group: int = 1):
         """Final-norm hidden states [B, T, D] of a full (uncached) causal forward.
 
         `select`: only these positions' hidden states are wanted -- a static `slice` of T or
@@ -608,11 +633,23 @@ class Transformer(nnx.Module):
         equal the full forward's up to the float rounding of the smaller matmuls. A deep
         model (rolled scan) computes every row and selects after the last layer
         (`_run_layers`).
+
+        `group` > 1 with a slice `select` [s, e), s > 0: the caller promises that rows come
+        in consecutive groups of `group` with equal tokens and mask before s (K samples of
+        one prompt). The positions before s then run once per group (`_hidden_shared_prefix`)
+        and nothing past e runs: the same rows up to float rounding, (1 - (B/group · s +
+        B · (e - s)) / (B · T)) of the trunk's work saved (29% for 8 samples of a 64-token
+        prompt with 128 new tokens).
         """
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
         if positions_BxT is None:
             positions_BxT = positions_from_mask(mask_BxT)
+        if group > 1 and isinstance(select, slice):
+            start, stop, stride = select.indices(tokens_BxT.shape[1])
+            if stride == 1 and 0 < start < stop:
+                return self._hidden_shared_prefix(tokens_BxT, mask_BxT, positions_BxT,
+                                                  start, stop, group)
         allowed_for = self._causal_masks(mask_BxT)
 
         def kv_fn_for_layer(extra, idx):
@@ -621,6 +658,27 @@ class Transformer(nnx.Module):
 
         x = self.embed_tokens(tokens_BxT, positions_BxT)
         x, _ = self._run_layers(x, positions_BxT, kv_fn_for_layer, select=select)
+        return self.final_norm(x)
+
+    def _hidden_shared_prefix(self, tokens_BxT, mask_BxT, positions_BxT, start: int,
+                              stop: int, group: int):
+        """`hidden(select=slice(start, stop), group=group)`: positions [0, start) of the
+        first row of each group and positions [start, stop) of every row, carried through
+        the layer scan as a pair (`Block.shared_prefix`); returns [B, stop - start, D]."""
+        b = tokens_BxT.shape[0]
+        if b % group:
+            raise ValueError(f"hidden: batch {b} is not a multiple of group={group}.")
+        allowed_for = self._causal_masks(mask_BxT[:, :stop])
+        x = self.embed_tokens(tokens_BxT[:, :stop], positions_BxT[:, :stop])
+        pair = (x[::group, :start], x[:, start:])
+        positions = (positions_BxT[::group, :start], positions_BxT[:, start:stop])
+
+        def apply_block(block, xs, idx):
+            allowed = allowed_for(idx)
+            masks = (allowed[::group, :start, :start], allowed[:, start:])
+            return block.shared_prefix(xs, positions, masks, group, self._is_local(idx))
+
+        (_, x), _ = self._run_layers(pair, None, None, apply_block=apply_block)
         return self.final_norm(x)
 
     def prefill(self, tokens_BxP, mask_BxP, positions_BxP, select):

@@ -211,7 +211,8 @@ def _opts(config, pc: PPOOptions) -> Dict[str, Any]:
             "dual_clip", "vf_clip_eps", "vf_coef", "entropy_coef", "ptx_coef", "loss_agg",
             "whiten_advantages", "reward_clip", "reward_norm", "missing_eos_penalty",
             "kl_loss_coef", "kl_loss_estimator", "samples_per_prompt", "advantage_eps",
-            "filter_uniform_groups", "overlong_buffer", "overlong_penalty")
+            "filter_uniform_groups", "overlong_buffer", "overlong_penalty",
+            "share_prompt_forward")
     opts = {k: getattr(pc, k) for k in keys}
     opts["critic"] = pc.critic_kind
     opts["advantages"] = obj.registry.get(

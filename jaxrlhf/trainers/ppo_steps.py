@@ -30,13 +30,14 @@ from jaxrlhf.models import lora
 from jaxrlhf.trainers import common
 
 
-def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
+def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts, group: int = 1):
     """(log π(response) [B, N] under the sampling distribution, entropy [B, N]) of the actor
     at the response positions -- its LM head chunked over positions for large vocabularies
-    (`Transformer.head_reduce`) -- and values [B, N]."""
+    (`Transformer.head_reduce`) -- and values [B, N]. `group`: rows come in prompt groups of
+    that many (a rollout in sample order), whose prompt is run once (`Transformer.hidden`)."""
     actor = nnx.merge(graphdefs["actor"], params["actor"])
     resp_rows = ro.response_rows(tokens, resp.shape[1])
-    h_resp = actor.hidden(tokens, mask, select=resp_rows)
+    h_resp = actor.hidden(tokens, mask, select=resp_rows, group=group)
     # Without an entropy bonus the entropy is a metric: no gradient path through it.
     ent_in = (lambda z: z) if opts["entropy_coef"] else jax.lax.stop_gradient
     logp, ent = actor.head_reduce(
@@ -50,7 +51,7 @@ def policy_outputs(params, tokens, mask, resp, *, graphdefs, opts):
         values = (h_resp @ w.astype(h_resp.dtype)).astype(jnp.float32) + b
     else:
         model = nnx.merge(graphdefs["critic"], params["critic"])
-        values = model.apply_head(model.hidden(tokens, mask, select=resp_rows))
+        values = model.apply_head(model.hidden(tokens, mask, select=resp_rows, group=group))
     return logp, ent, values
 
 
@@ -67,9 +68,18 @@ def total_score(frozen, rollout, opts):
     return score
 
 
-def frozen_scores(frozen, rollout, *, graphdefs, opts):
-    """Reference log-probs of the response [B, N] and the score [B] (`total_score`)."""
-    ref_logp = ro.response_logprobs(graphdefs["ref"], frozen["ref"], rollout, opts["sampling"])
+def shared_prompt_group(opts) -> int:
+    """The prompt-group size the scoring forwards of a whole rollout (rows in sample order)
+    may share their prompt over: samples_per_prompt when `share_prompt_forward` is on, else
+    1. Minibatches of permuted rows never share."""
+    return int(opts["samples_per_prompt"]) if opts.get("share_prompt_forward") else 1
+
+
+def frozen_scores(frozen, rollout, *, graphdefs, opts, group: int = 1):
+    """Reference log-probs of the response [B, N] and the score [B] (`total_score`);
+    `group` as in `policy_outputs`."""
+    ref_logp = ro.response_logprobs(graphdefs["ref"], frozen["ref"], rollout, opts["sampling"],
+                                    group=group)
     return ref_logp, total_score(frozen, rollout, opts)
 
 
@@ -248,10 +258,15 @@ def fused_first_update(state, frozen, rollout, ptx_batch, *, graphdefs, optimize
     update metrics); the state carries the new reward statistics.
     """
     base = frozen.get("base")
+    # π_old and π_θ are one array here, so the actor and the reference may run each
+    # prompt once for its K samples (`shared_prompt_group`) without breaking ratio == 1.
+    group = shared_prompt_group(opts)
     fwd = lambda p: policy_outputs(lora.join(base, p), rollout["tokens"], rollout["mask"],
-                                   rollout["response_tokens"], graphdefs=graphdefs, opts=opts)
+                                   rollout["response_tokens"], graphdefs=graphdefs, opts=opts,
+                                   group=group)
     outputs, pullback = jax.vjp(fwd, state["params"])
-    ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts)
+    ref_logp, raw_score = frozen_scores(frozen, rollout, graphdefs=graphdefs, opts=opts,
+                                        group=group)
     exp, m_exp, stats = shape_experience(state, rollout, outputs, ref_logp, raw_score,
                                          opts=opts)
     denoms = obj.aggregation_denominators(exp["response_mask"] > 0)
