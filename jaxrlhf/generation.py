@@ -244,13 +244,22 @@ def _constrain(x, axes, opts: _Options):
     return jax.lax.with_sharding_constraint(x, NamedSharding(opts.mesh, spec))
 
 
+def _pad_slots(x, extra: int, slot_axis: int):
+    """`extra` empty slots appended along a cache buffer's slot axis."""
+    pad = [(0, 0)] * x.ndim
+    pad[slot_axis] = (0, extra)
+    return jnp.pad(x, pad)
+
+
 def _repeat_cache(cache: KVCache, k: int, extra: int, place) -> KVCache:
     """The cache of B prefilled rows as the cache of B·K rows (row i·K + j a copy of row i)
-    with `extra` empty slots appended; `place` is applied to every k / v buffer
-    ([rows, kv heads, slots, Dh])."""
-    def grow(x):
-        return place(jnp.pad(jnp.repeat(x, k, axis=0), ((0, 0), (0, 0), (0, extra), (0, 0))))
-    return KVCache(k=tuple(grow(x) for x in cache.k), v=tuple(grow(x) for x in cache.v),
+    with `extra` empty slots appended; `place(x, kind)` is applied to every key ("k":
+    [rows, kv heads, Dh, slots]) and value ("v": [rows, kv heads, slots, Dh]) buffer."""
+    def grow(x, kind):
+        return place(_pad_slots(jnp.repeat(x, k, axis=0), extra, 3 if kind == "k" else 2),
+                     kind)
+    return KVCache(k=tuple(grow(x, "k") for x in cache.k),
+                   v=tuple(grow(x, "v") for x in cache.v),
                    mask=jnp.pad(jnp.repeat(cache.mask, k, axis=0), ((0, 0), (0, extra))),
                    index=cache.index)
 
@@ -271,16 +280,17 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     # keys and values padded into a cache sized exactly P + N (one sample per prompt), or P
     # (K samples: `_repeat_cache` then makes the B·K rows' P + N cache).
     layers = model.unstacked_layers()
-    place = lambda x: _constrain(x, ("batch", "kv_heads", "length", "head_dim"), opts)
+    place = lambda x, kind: _constrain(
+        x, ("batch", "kv_heads") + (("head_dim", "length") if kind == "k" else
+                                    ("length", "head_dim")), opts)
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     # The first token comes from each row's last real token (any padding layout).
     last = jnp.max(jnp.where(prompt_mask_BxP > 0, jnp.arange(p, dtype=jnp.int32), 0), axis=-1)
     h_Bx1xD, ks, vs = model.prefill(prompt_BxP, prompt_mask_BxP,
                                     positions_from_mask(prompt_mask_BxP), last[:, None])
     extra = n if k == 1 else 0
-    grow = lambda x: place(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))))
-    cache = KVCache(k=tuple(grow(ks[i]) for i in range(ks.shape[0])),
-                    v=tuple(grow(vs[i]) for i in range(vs.shape[0])),
+    cache = KVCache(k=tuple(place(_pad_slots(ks[i], extra, 3), "k") for i in range(len(ks))),
+                    v=tuple(place(_pad_slots(vs[i], extra, 2), "v") for i in range(len(vs))),
                     mask=jnp.pad(prompt_mask_BxP, ((0, 0), (0, extra))),
                     index=jnp.asarray(p, jnp.int32))
     if k > 1:

@@ -166,13 +166,17 @@ def test_prefill_scan_equals_the_cached_forward_on_an_empty_cache(model):
     last = jnp.max(jnp.where(mask > 0, jnp.arange(7), 0), axis=-1)[:, None]
     h, ks, vs = model.prefill(toks, mask, pos, last)
     want_h, cache = model.hidden_cached(toks, mask, pos, model.init_cache(3, 7), select=last)
-    assert ks.shape == (CFG.n_layers, 3, CFG.n_kv_heads, 7, CFG.dim_per_head)
+    assert ks.shape == (CFG.n_layers, 3, CFG.n_kv_heads, CFG.dim_per_head, 7)   # keys: Dh, P
+    assert vs.shape == (CFG.n_layers, 3, CFG.n_kv_heads, 7, CFG.dim_per_head)
     np.testing.assert_allclose(np.asarray(h), np.asarray(want_h), atol=2e-5, rtol=1e-5)
     # Real slots only: padding slots are masked out of every attention either way.
-    real = np.broadcast_to(np.asarray(mask, bool)[:, None, :, None], ks.shape[1:])
+    real = np.asarray(mask, bool)
+    real_k = np.broadcast_to(real[:, None, None, :], ks.shape[1:])
+    real_v = np.broadcast_to(real[:, None, :, None], vs.shape[1:])
     for i in range(CFG.n_layers):
-        for got, want in ((ks[i], cache.k[i]), (vs[i], cache.v[i])):
-            np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real],
+        for got, want, r in ((ks[i], cache.k[i], real_k), (vs[i], cache.v[i], real_v)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got)[r], np.asarray(want)[r],
                                        atol=2e-5, rtol=1e-5)
 
 

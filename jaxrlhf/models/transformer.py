@@ -365,6 +365,11 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, q_BxTxHxDh.dtype
         b, t, h, dh = q_BxTxHxDh.shape
         impl = resolve_attention(cfg, dt)
+        if isinstance(k_BxSxKxDh, CachedKV):   # keys / values in the cache's layout
+            if impl == "einsum":
+                return self._output(self._attend_cached(q_BxTxHxDh, k_BxSxKxDh, allowed_BxTxS))
+            k_BxSxKxDh, v_BxSxKxDh = (k_BxSxKxDh.k.transpose(0, 3, 1, 2),
+                                      jnp.swapaxes(k_BxSxKxDh.v, 1, 2))
         if impl == "einsum":
             blocks = attention_blocks(cfg, t) if causal and t == k_BxSxKxDh.shape[1] else []
             if len(blocks) > 1:
@@ -377,12 +382,35 @@ class Attention(nnx.Module):
         else:
             out = dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS,
                                         cfg.attn_scale, impl).reshape(b, t, h * dh)
+        return self._output(out)
+
+    def _output(self, out_BxTxHDh):
+        """The output projection (+ bias) of the heads' outputs [B, T, H * Dh]."""
         # One flat contraction (`linear` flattens wo to [H*Dh, D]): with two contracting dims
         # (h, e) XLA's CPU layout assignment transposed (copied) wo at every call instead.
-        out = _adapted(self, out, self.wo[...], "o")
-        if cfg.out_bias:
-            out = out + _bcast(self.bo[...].astype(dt), 3)
+        out = _adapted(self, out_BxTxHDh, self.wo[...], "o")
+        if self.cfg.out_bias:
+            out = out + _bcast(self.bo[...].astype(out.dtype), 3)
         return out
+
+    def _attend_cached(self, q_BxTxHxDh, kv: "CachedKV", allowed_BxTxS):
+        """The einsum path's attention against keys [B, K, Dh, S] and values [B, K, S, Dh]
+        (`CachedKV`): both matmuls batched over (b, k) with the G·T queries of a kv head as
+        rows, q [G·T, Dh] @ kᵀ [Dh, S] then p [G·T, S] @ v [S, Dh], each cache buffer read
+        in place (on 2 CPU cores 30-40% faster per decode step than keys [B, K, S, Dh] as the
+        left operand). Same float32 logits, mask and softmax as `_attend_einsum`."""
+        cfg, dt = self.cfg, q_BxTxHxDh.dtype
+        b, t, h, dh = q_BxTxHxDh.shape
+        kh, s = cfg.n_kv_heads, kv.k.shape[-1]
+        g = h // kh
+        q = q_BxTxHxDh.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)
+        batched = lambda x, y: jax.lax.dot_general(x, y, (((3,), (2,)), ((0, 1), (0, 1))))
+        logits = batched(q, kv.k.astype(dt)).astype(jnp.float32).reshape(b, kh, g, t, s)
+        logits = softcap(logits * cfg.attn_scale, cfg.attn_softcap)
+        logits = jnp.where(allowed_BxTxS[:, None, None, :, :], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, kh, g * t, s)
+        out = batched(probs, kv.v.astype(dt)).reshape(b, kh, g, t, dh)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
     def _attend_einsum(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
         """The einsum path: float32 logits (soft-capped when the config says), masked to a
@@ -494,12 +522,21 @@ class Block(nnx.Module):
                 self._residuals(xr, self.attn.attend(qr, keys, values, ar)))
 
 
+class CachedKV(NamedTuple):
+    """One layer's keys [B, K, Dh, S] and values [B, K, S, Dh] in the cache's layout, passed
+    as the keys of `Attention.attend` (values None)."""
+    k: jax.Array
+    v: jax.Array
+
+
 class KVCache(NamedTuple):
     """Key/value cache of a decoder, a plain pytree (jit / while_loop friendly).
 
-    k, v: per-layer buffers [B, K, S, Dh] (tuples of L), kv-head-major: the layout the
-    attention matmuls read in place (batch dims b, k leading), where a [B, S, K, Dh] buffer
-    would be transposed (copied) per layer and step. mask: [B, S] int32, 1 where a slot holds
+    k: per-layer keys [B, K, Dh, S], v: per-layer values [B, K, S, Dh] (tuples of L),
+    kv-head-major: the layouts the attention matmuls read in place (batch dims b, k leading;
+    q kᵀ with the slots as columns, p v with them as rows: `Attention._attend_cached`),
+    where a [B, S, K, Dh] buffer would be transposed (copied) per layer and step, and
+    [B, K, S, Dh] keys make the slower left operand. mask: [B, S] int32, 1 where a slot holds
     a real (non-padding) token. index: int32 scalar, the next slot to write; every row writes
     the same slot (prompts are left-padded), so slot order is causal order.
     """
@@ -685,8 +722,9 @@ class Transformer(nnx.Module):
         """The sampler's prefill: a full causal forward of the prompts through the rolled
         layer scan (`_run_layers`), keeping every layer's keys and values.
 
-        Returns (final-norm hidden states at the `select` rows [B, Q, D], keys and values
-        [L, B, K, P, Dh] in the cache dtype, kv-head-major as `KVCache` holds them). The
+        Returns (final-norm hidden states at the `select` rows [B, Q, D], keys
+        [L, B, K, Dh, P] and values [L, B, K, P, Dh] in the cache dtype, in the layouts
+        `KVCache` holds them). The
         attention is the one `hidden_cached` computes on an empty cache (query i attends
         real prompt tokens j <= i); compiled as one scanned layer instead of L unrolled ones,
         which takes a third off the sampler's compile time (SmolLM2, GRPO shape: 6.3 -> 4.2 s).
@@ -694,8 +732,9 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         b, p = tokens_BxP.shape
         allowed_for = self._causal_masks(mask_BxP)
-        shape = (cfg.n_layers, b, cfg.n_kv_heads, p, cfg.dim_per_head)
-        empty = (jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+        v_shape = (cfg.n_layers, b, cfg.n_kv_heads, p, cfg.dim_per_head)
+        k_shape = (cfg.n_layers, b, cfg.n_kv_heads, cfg.dim_per_head, p)
+        empty = (jnp.zeros(k_shape, cfg.jnp_dtype), jnp.zeros(v_shape, cfg.jnp_dtype))
 
         def kv_fn_for_layer(extra, idx):
             mask, seen = allowed_for(idx), {}
@@ -707,9 +746,10 @@ class Transformer(nnx.Module):
             def get_extra():
                 zero = jnp.zeros((), jnp.int32)
                 at = (jnp.asarray(idx, jnp.int32), zero, zero, zero, zero)
+                k, v = seen["kv"]   # [B, P, K, Dh] -> keys [B, K, Dh, P], values [B, K, P, Dh]
                 return tuple(
-                    jax.lax.dynamic_update_slice(buf, jnp.swapaxes(x, 1, 2)[None].astype(
-                        buf.dtype), at) for buf, x in zip(extra, seen["kv"]))
+                    jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), at)
+                    for buf, x in zip(extra, (k.transpose(0, 2, 3, 1), jnp.swapaxes(v, 1, 2))))
             return kv_fn, get_extra
 
         x = self.embed_tokens(tokens_BxP, positions_BxP)
@@ -826,11 +866,13 @@ class Transformer(nnx.Module):
         """An empty cache of `max_len` slots; `place` (e.g. a sharding constraint) is applied
         to every k / v buffer."""
         cfg = self.cfg
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)
+        v_shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)
+        k_shape = (batch, cfg.n_kv_heads, cfg.dim_per_head, max_len)
         place = place or (lambda x: x)
-        zeros = lambda: place(jnp.zeros(shape, dtype or cfg.jnp_dtype))
+        zeros = lambda shape: place(jnp.zeros(shape, dtype or cfg.jnp_dtype))
         layers = range(cfg.n_layers)
-        return KVCache(k=tuple(zeros() for _ in layers), v=tuple(zeros() for _ in layers),
+        return KVCache(k=tuple(zeros(k_shape) for _ in layers),
+                       v=tuple(zeros(v_shape) for _ in layers),
                        mask=jnp.zeros((batch, max_len), jnp.int32),
                        index=jnp.zeros((), jnp.int32))
 
@@ -872,16 +914,14 @@ class Transformer(nnx.Module):
         for i, (block, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
             def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache, i=i):
                 ks = jax.lax.dynamic_update_slice(
-                    k_cache, jnp.swapaxes(k_BxTxKxDh, 1, 2).astype(k_cache.dtype),
-                    (zero, zero, start, zero))
+                    k_cache, k_BxTxKxDh.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                    (zero, zero, zero, start))
                 vs = jax.lax.dynamic_update_slice(
                     v_cache, jnp.swapaxes(v_BxTxKxDh, 1, 2).astype(v_cache.dtype),
                     (zero, zero, start, zero))
                 new_k.append(ks)
                 new_v.append(vs)
-                dt = k_BxTxKxDh.dtype  # attend takes [B, S, K, Dh]; XLA folds the swap away
-                return (jnp.swapaxes(ks, 1, 2).astype(dt), jnp.swapaxes(vs, 1, 2).astype(dt),
-                        allowed_for(i))
+                return CachedKV(ks, vs), None, allowed_for(i)
             x = block(x, positions_BxT, kv_fn, select if i == len(layers) - 1 else None,
                       self._is_local(i))
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
