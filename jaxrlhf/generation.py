@@ -244,10 +244,15 @@ def _constrain(x, axes, opts: _Options):
     return jax.lax.with_sharding_constraint(x, NamedSharding(opts.mesh, spec))
 
 
-def _pad_slots(x, extra: int, slot_axis: int):
-    """`extra` empty slots appended along a cache buffer's slot axis."""
+# The slot axis of a cache buffer: keys [rows, kv heads, Dh, slots], values [rows, kv heads,
+# slots, Dh] (`KVCache`).
+_SLOT_AXIS = {"k": 3, "v": 2}
+
+
+def _pad_slots(x, extra: int, kind: str):
+    """`extra` empty slots appended to a key ("k") or value ("v") cache buffer."""
     pad = [(0, 0)] * x.ndim
-    pad[slot_axis] = (0, extra)
+    pad[_SLOT_AXIS[kind]] = (0, extra)
     return jnp.pad(x, pad)
 
 
@@ -256,8 +261,7 @@ def _repeat_cache(cache: KVCache, k: int, extra: int, place) -> KVCache:
     with `extra` empty slots appended; `place(x, kind)` is applied to every key ("k":
     [rows, kv heads, Dh, slots]) and value ("v": [rows, kv heads, slots, Dh]) buffer."""
     def grow(x, kind):
-        return place(_pad_slots(jnp.repeat(x, k, axis=0), extra, 3 if kind == "k" else 2),
-                     kind)
+        return place(_pad_slots(jnp.repeat(x, k, axis=0), extra, kind), kind)
     return KVCache(k=tuple(grow(x, "k") for x in cache.k),
                    v=tuple(grow(x, "v") for x in cache.v),
                    mask=jnp.pad(jnp.repeat(cache.mask, k, axis=0), ((0, 0), (0, extra))),
@@ -289,8 +293,8 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     h_Bx1xD, ks, vs = model.prefill(prompt_BxP, prompt_mask_BxP,
                                     positions_from_mask(prompt_mask_BxP), last[:, None])
     extra = n if k == 1 else 0
-    cache = KVCache(k=tuple(place(_pad_slots(ks[i], extra, 3), "k") for i in range(len(ks))),
-                    v=tuple(place(_pad_slots(vs[i], extra, 2), "v") for i in range(len(vs))),
+    cache = KVCache(k=tuple(place(_pad_slots(x, extra, "k"), "k") for x in ks),
+                    v=tuple(place(_pad_slots(x, extra, "v"), "v") for x in vs),
                     mask=jnp.pad(prompt_mask_BxP, ((0, 0), (0, extra))),
                     index=jnp.asarray(p, jnp.int32))
     if k > 1:

@@ -398,32 +398,34 @@ class Attention(nnx.Module):
         (`CachedKV`): both matmuls batched over (b, k) with the G·T queries of a kv head as
         rows, q [G·T, Dh] @ kᵀ [Dh, S] then p [G·T, S] @ v [S, Dh], each cache buffer read
         in place (on 2 CPU cores 30-40% faster per decode step than keys [B, K, S, Dh] as the
-        left operand). Same float32 logits, mask and softmax as `_attend_einsum`."""
+        left operand). Same attention weights as `_attend_einsum` (`_probs`)."""
         cfg, dt = self.cfg, q_BxTxHxDh.dtype
         b, t, h, dh = q_BxTxHxDh.shape
         kh, s = cfg.n_kv_heads, kv.k.shape[-1]
         g = h // kh
         q = q_BxTxHxDh.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)
         batched = lambda x, y: jax.lax.dot_general(x, y, (((3,), (2,)), ((0, 1), (0, 1))))
-        logits = batched(q, kv.k.astype(dt)).astype(jnp.float32).reshape(b, kh, g, t, s)
-        logits = softcap(logits * cfg.attn_scale, cfg.attn_softcap)
-        logits = jnp.where(allowed_BxTxS[:, None, None, :, :], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(b, kh, g * t, s)
+        logits = batched(q, kv.k.astype(dt)).reshape(b, kh, g, t, s)
+        probs = self._probs(logits, allowed_BxTxS, dt).reshape(b, kh, g * t, s)
         out = batched(probs, kv.v.astype(dt)).reshape(b, kh, g, t, dh)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
-    def _attend_einsum(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
-        """The einsum path: float32 logits (soft-capped when the config says), masked to a
-        large finite negative (a row with no allowed key gets a uniform softmax, not NaN),
-        float32 softmax; returns [B, T, H * Dh]."""
-        cfg, dt = self.cfg, q_BxTxHxDh.dtype
-        b, t, h, dh = q_BxTxHxDh.shape
-        kh = cfg.n_kv_heads
-        q = q_BxTxHxDh.reshape(b, t, kh, h // kh, dh)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh).astype(jnp.float32)
-        logits = softcap(logits * cfg.attn_scale, cfg.attn_softcap)
+    def _probs(self, logits_BxKxGxTxS, allowed_BxTxS, dt):
+        """The einsum paths' attention weights: float32 logits (soft-capped when the config
+        says), masked to a large finite negative (a row with no allowed key gets a uniform
+        softmax, not NaN), float32 softmax, cast to dt."""
+        logits = logits_BxKxGxTxS.astype(jnp.float32)
+        logits = softcap(logits * self.cfg.attn_scale, self.cfg.attn_softcap)
         logits = jnp.where(allowed_BxTxS[:, None, None, :, :], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        return jax.nn.softmax(logits, axis=-1).astype(dt)
+
+    def _attend_einsum(self, q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
+        """The einsum path (attention weights from `_probs`); returns [B, T, H * Dh]."""
+        dt = q_BxTxHxDh.dtype
+        b, t, h, dh = q_BxTxHxDh.shape
+        kh = self.cfg.n_kv_heads
+        q = q_BxTxHxDh.reshape(b, t, kh, h // kh, dh)
+        probs = self._probs(jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxDh), allowed_BxTxS, dt)
         # Output with the batch dims (b, k) leading, then transpose: XLA's CPU dot then needs
         # no operand transpose (a copy of the operand per call otherwise).
         out = jnp.einsum("bkgts,bskd->bkgtd", probs, v_BxSxKxDh)
@@ -527,6 +529,13 @@ class CachedKV(NamedTuple):
     as the keys of `Attention.attend` (values None)."""
     k: jax.Array
     v: jax.Array
+
+    @staticmethod
+    def of(k_BxTxKxDh, v_BxTxKxDh, dtype) -> "CachedKV":
+        """Keys / values as `qkv` gives them, [B, T, K, Dh], in the cache's layouts and
+        dtype."""
+        return CachedKV(k_BxTxKxDh.transpose(0, 2, 3, 1).astype(dtype),
+                        jnp.swapaxes(v_BxTxKxDh, 1, 2).astype(dtype))
 
 
 class KVCache(NamedTuple):
@@ -746,10 +755,9 @@ class Transformer(nnx.Module):
             def get_extra():
                 zero = jnp.zeros((), jnp.int32)
                 at = (jnp.asarray(idx, jnp.int32), zero, zero, zero, zero)
-                k, v = seen["kv"]   # [B, P, K, Dh] -> keys [B, K, Dh, P], values [B, K, P, Dh]
-                return tuple(
-                    jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), at)
-                    for buf, x in zip(extra, (k.transpose(0, 2, 3, 1), jnp.swapaxes(v, 1, 2))))
+                new = CachedKV.of(*seen["kv"], extra[0].dtype)
+                return tuple(jax.lax.dynamic_update_slice(buf, x[None], at)
+                             for buf, x in zip(extra, new))
             return kv_fn, get_extra
 
         x = self.embed_tokens(tokens_BxP, positions_BxP)
@@ -913,12 +921,9 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, (block, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
             def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache, i=i):
-                ks = jax.lax.dynamic_update_slice(
-                    k_cache, k_BxTxKxDh.transpose(0, 2, 3, 1).astype(k_cache.dtype),
-                    (zero, zero, zero, start))
-                vs = jax.lax.dynamic_update_slice(
-                    v_cache, jnp.swapaxes(v_BxTxKxDh, 1, 2).astype(v_cache.dtype),
-                    (zero, zero, start, zero))
+                new = CachedKV.of(k_BxTxKxDh, v_BxTxKxDh, k_cache.dtype)
+                ks = jax.lax.dynamic_update_slice(k_cache, new.k, (zero, zero, zero, start))
+                vs = jax.lax.dynamic_update_slice(v_cache, new.v, (zero, zero, start, zero))
                 new_k.append(ks)
                 new_v.append(vs)
                 return CachedKV(ks, vs), None, allowed_for(i)
