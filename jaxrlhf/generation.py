@@ -9,11 +9,15 @@ options): a rollout bucket compiles once. The model crosses the jit boundary as 
 (`nnx.split` outside, `nnx.merge` inside).
 
 Several samples per prompt (`num_samples=K`, GRPO-style groups): the prefill runs once on the
-B prompts, into a cache of P slots; its cache, last hidden state and prompt are then repeated
-K times along the batch (row i·K + j is sample j of prompt i, prompt-major) and padded to
-P + N slots, and the decode loop runs on the B·K rows. The prefill costs B rows instead of
-B·K, and the result is that of `generate` on the repeated prompts with the same rng (the
-loop draws per row of the B·K; tokens equal, logprobs to float rounding).
+B prompts; their keys and values stay one copy per prompt, the cache's shared prefix
+(`KVCache.prefix_k`), and the decode loop runs on the B·K rows (row i·K + j is sample j of
+prompt i, prompt-major), each with a cache of its own N response slots. The decode step's
+attention reads a prompt's keys / values once for its K rows, as the rows of one batched
+matmul (`Attention._attend_cached`). The prefill costs B rows instead of B·K, the cache holds
+B·P + B·K·N slots instead of B·K·(P + N), and the result is that of `generate` on the
+repeated prompts with the same rng (the loop draws per row of the B·K): log-probs equal to
+float rounding, and tokens equal unless a draw lands within that rounding of a boundary of
+the inverse CDF (`tools/bench_prompt_sharing.py` counts such rows on a real model).
 
 Padding. Prompts should be left-padded (the project convention), but any padding layout is
 handled: the cache is sized exactly P + N, padding slots are excluded through the cache mask,
@@ -256,18 +260,6 @@ def _pad_slots(x, extra: int, kind: str):
     return jnp.pad(x, pad)
 
 
-def _repeat_cache(cache: KVCache, k: int, extra: int, place) -> KVCache:
-    """The cache of B prefilled rows as the cache of B·K rows (row i·K + j a copy of row i)
-    with `extra` empty slots appended; `place(x, kind)` is applied to every key ("k":
-    [rows, kv heads, Dh, slots]) and value ("v": [rows, kv heads, slots, Dh]) buffer."""
-    def grow(x, kind):
-        return place(_pad_slots(jnp.repeat(x, k, axis=0), extra, kind), kind)
-    return KVCache(k=tuple(grow(x, "k") for x in cache.k),
-                   v=tuple(grow(x, "v") for x in cache.v),
-                   mask=jnp.pad(jnp.repeat(cache.mask, k, axis=0), ((0, 0), (0, extra))),
-                   index=cache.index)
-
-
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Options):
     global trace_count
     trace_count += 1
@@ -280,9 +272,11 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     sample = dict(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                   greedy=opts.greedy)
 
-    # The whole prompt is prefilled at once by the layer scan (`Transformer.prefill`), its
-    # keys and values padded into a cache sized exactly P + N (one sample per prompt), or P
-    # (K samples: `_repeat_cache` then makes the B·K rows' P + N cache).
+    # The whole prompt is prefilled at once by the layer scan (`Transformer.prefill`). One
+    # sample per prompt: its keys and values padded into a cache sized exactly P + N. K
+    # samples: they stay one copy per prompt, the cache's shared prefix (`KVCache.prefix_k`),
+    # which the decode step's attention reads once per prompt for its K rows; the B·K rows'
+    # own buffers hold the N response slots.
     layers = model.unstacked_layers()
     place = lambda x, kind: _constrain(
         x, ("batch", "kv_heads") + (("head_dim", "length") if kind == "k" else
@@ -292,13 +286,21 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, opts: _Opt
     last = jnp.max(jnp.where(prompt_mask_BxP > 0, jnp.arange(p, dtype=jnp.int32), 0), axis=-1)
     h_Bx1xD, ks, vs = model.prefill(prompt_BxP, prompt_mask_BxP,
                                     positions_from_mask(prompt_mask_BxP), last[:, None])
-    extra = n if k == 1 else 0
-    cache = KVCache(k=tuple(place(_pad_slots(x, extra, "k"), "k") for x in ks),
-                    v=tuple(place(_pad_slots(x, extra, "v"), "v") for x in vs),
-                    mask=jnp.pad(prompt_mask_BxP, ((0, 0), (0, extra))),
-                    index=jnp.asarray(p, jnp.int32))
-    if k > 1:
-        cache = _repeat_cache(cache, k, n, place)
+    if k == 1:
+        cache = KVCache(k=tuple(place(_pad_slots(x, n, "k"), "k") for x in ks),
+                        v=tuple(place(_pad_slots(x, n, "v"), "v") for x in vs),
+                        mask=jnp.pad(prompt_mask_BxP, ((0, 0), (0, n))),
+                        index=jnp.asarray(p, jnp.int32))
+    else:
+        def empty(x, kind):   # a prompt's buffer shape -> zeros for K rows' N slots
+            shape = list(x.shape)
+            shape[0], shape[_SLOT_AXIS[kind]] = shape[0] * k, n
+            return place(jnp.zeros(shape, x.dtype), kind)
+
+        cache = KVCache(k=tuple(empty(x, "k") for x in ks), v=tuple(empty(x, "v") for x in vs),
+                        mask=jnp.zeros((b, n), jnp.int32), index=jnp.asarray(0, jnp.int32),
+                        prefix_k=tuple(place(x, "k") for x in ks),
+                        prefix_v=tuple(place(x, "v") for x in vs), prefix_mask=prompt_mask_BxP)
         h_Bx1xD, prompt_BxP, prompt_mask_BxP = (
             _constrain(jnp.repeat(x, k, axis=0), ("batch",) + (None,) * (x.ndim - 1), opts)
             for x in (h_Bx1xD, prompt_BxP, prompt_mask_BxP))
@@ -409,8 +411,8 @@ def generate(model: Union[Transformer, Tuple[nnx.GraphDef, nnx.State]], prompt_t
         options (temperature=0 is accepted with greedy and then stands for T = 1).
       num_samples: K >= 1 samples per prompt: the result has B·K rows, row i·K + j sample
         j of prompt i, and equals `generate` on `jnp.repeat(prompts, K, axis=0)` with the
-        same rng (tokens equal, logprobs to float rounding), but the prompts are prefilled
-        once each (module docstring).
+        same rng (to float rounding: module docstring), but the prompts are prefilled and
+        cached once each.
       mesh, rules: run under this mesh (batch over the "batch" rule, default data x fsdp;
         cache kv heads over "tensor"; the decode loop's batch is the B·K rows). Defaults to
         the mesh of the model's parameters.

@@ -356,6 +356,26 @@ def test_num_samples_equals_repeated_prompts(model, opts):
         np.testing.assert_array_equal(resp, np.repeat(resp[::k], k, axis=0))
 
 
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_num_samples_share_the_prompt_cache_under_sliding_windows(attention):
+    """K samples keep one copy of each prompt's keys / values (the cache's shared prefix)
+    and attend it before their own slots: with a 3-token window on layer 0 that the decode
+    steps slide off the 7-token prompt, the rollout equals the repeated prompts' (which
+    cache the prompt in every row), through the einsum path's grouped attention and through
+    an implementation that takes the prefix repeated (`CachedKV.dense`)."""
+    cfg = CFG.replace(family="qwen3", qk_norm=True, sliding_window=3,
+                      layer_types=("sliding", "full"), attention=attention)
+    model = make_model(cfg, seed=3)
+    toks, mask = prompts(batch=2, length=7)
+    kw = dict(max_new_tokens=6, eos_id=-1, pad_id=PAD, temperature=0.9)
+    shared = gen.generate(model, toks, mask, jax.random.key(2), num_samples=3, **kw)
+    repeated = gen.generate(model, jnp.repeat(toks, 3, 0), jnp.repeat(mask, 3, 0),
+                            jax.random.key(2), **kw)
+    assert_same_rollout(shared, repeated)
+    want = full_forward_logprobs(model, shared, 7, temperature=0.9)
+    np.testing.assert_allclose(np.asarray(shared.logprobs), want, atol=1e-5)
+
+
 def test_num_samples_stops_early_once_every_row_finished(model):
     toks, mask = left_padded([[5, 6, 7], [9, 3]], 3)
     kw = dict(max_new_tokens=12, pad_id=PAD, greedy=True)

@@ -2,6 +2,7 @@
 
 - `pin_cpu_threads(n)`: restrict this process (XLA and PyTorch) to n CPU cores. Call it
   before importing jax/torch so both libraries size their thread pools to n.
+  `run_as_the_cli(n)`: the same after re-executing under the CLI's host allocator.
 - `memory_bandwidth_gbps()`, `matmul_gflops()`: the machine's memory bandwidth (copy and
   read) and fp32 matmul rate, measured in the calling process (the same run as the timings).
 - `to_hf_llama(model)`: the same weights as a `transformers.LlamaForCausalLM` (PyTorch, fp32),
@@ -52,6 +53,19 @@ def allocator_note(env) -> str:
     mode = env.get("JAXRLHF_HOST_MALLOC", "default")
     return mode + (" (GLIBC_TUNABLES=" + env["GLIBC_TUNABLES"] + ")"
                    if env.get("GLIBC_TUNABLES") else "")
+
+
+def run_as_the_cli(threads: int) -> List[int]:
+    """For a script that runs jaxrlhf only: re-executes it once under the host allocator the
+    CLI runs with (`jaxrlhf._host_malloc.hugepage_env`), then `pin_cpu_threads(threads)`;
+    returns the cores. Call first thing, before jax starts."""
+    import sys
+
+    from jaxrlhf import _host_malloc
+    env = _host_malloc.hugepage_env(os.environ)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    return pin_cpu_threads(threads)
 
 
 def pin_cpu_threads(n: int) -> List[int]:

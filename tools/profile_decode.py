@@ -97,11 +97,7 @@ def _is_op(name: str) -> bool:
 
 def main():
     args = parse_args()
-    from jaxrlhf import _host_malloc
-    env = _host_malloc.hugepage_env(os.environ)   # the allocator the CLI runs with
-    if env is not None:
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-    cores = bc.pin_cpu_threads(args.threads)
+    cores = bc.run_as_the_cli(args.threads)   # the allocator the CLI runs with
     dump = tempfile.mkdtemp(prefix="jaxrlhf-hlo-")   # XLA reads its flags when jax starts
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip()

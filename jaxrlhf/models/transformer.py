@@ -368,8 +368,7 @@ class Attention(nnx.Module):
         if isinstance(k_BxSxKxDh, CachedKV):   # keys / values in the cache's layout
             if impl == "einsum":
                 return self._output(self._attend_cached(q_BxTxHxDh, k_BxSxKxDh, allowed_BxTxS))
-            k_BxSxKxDh, v_BxSxKxDh = (k_BxSxKxDh.k.transpose(0, 3, 1, 2),
-                                      jnp.swapaxes(k_BxSxKxDh.v, 1, 2))
+            k_BxSxKxDh, v_BxSxKxDh = k_BxSxKxDh.dense()
         if impl == "einsum":
             blocks = attention_blocks(cfg, t) if causal and t == k_BxSxKxDh.shape[1] else []
             if len(blocks) > 1:
@@ -398,16 +397,38 @@ class Attention(nnx.Module):
         (`CachedKV`): both matmuls batched over (b, k) with the G·T queries of a kv head as
         rows, q [G·T, Dh] @ kᵀ [Dh, S] then p [G·T, S] @ v [S, Dh], each cache buffer read
         in place (on 2 CPU cores 30-40% faster per decode step than keys [B, K, S, Dh] as the
-        left operand). Same attention weights as `_attend_einsum` (`_probs`)."""
+        left operand). Same attention weights as `_attend_einsum` (`_probs`).
+
+        With a shared prefix (`kv.prefix_k`, `allowed_BxTxS` over its P slots then the S
+        row slots) the R rows of a prompt group query its prefix together: batched over
+        (group, k), [R·G·T, Dh] @ [Dh, P] and [R·G·T, P] @ [P, Dh], so each group's prefix is
+        read once per step rather than once per row; one softmax covers both parts."""
         cfg, dt = self.cfg, q_BxTxHxDh.dtype
         b, t, h, dh = q_BxTxHxDh.shape
         kh, s = cfg.n_kv_heads, kv.k.shape[-1]
         g = h // kh
         q = q_BxTxHxDh.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)
         batched = lambda x, y: jax.lax.dot_general(x, y, (((3,), (2,)), ((0, 1), (0, 1))))
-        logits = batched(q, kv.k.astype(dt)).reshape(b, kh, g, t, s)
-        probs = self._probs(logits, allowed_BxTxS, dt).reshape(b, kh, g * t, s)
-        out = batched(probs, kv.v.astype(dt)).reshape(b, kh, g, t, dh)
+        logits = batched(q, kv.k.astype(dt))
+        if kv.prefix_k is not None:
+            groups, p = kv.prefix_k.shape[0], kv.prefix_k.shape[-1]
+            rows = b // groups
+            # [B, K, X, Y] <-> [groups, K, rows·X, Y]: a group's rows side by side.
+            to_group = lambda x: x.reshape((groups, rows) + x.shape[1:]).transpose(
+                0, 2, 1, 3, 4).reshape(groups, kh, rows * x.shape[2], x.shape[3])
+            to_rows = lambda x: x.reshape(groups, kh, rows, -1, x.shape[-1]).transpose(
+                0, 2, 1, 3, 4).reshape(b, kh, -1, x.shape[-1])
+            logits = jnp.concatenate(
+                [to_rows(batched(to_group(q), kv.prefix_k.astype(dt))), logits], axis=-1)
+            s = s + p
+        probs = self._probs(logits.reshape(b, kh, g, t, s), allowed_BxTxS, dt)
+        probs = probs.reshape(b, kh, g * t, s)
+        if kv.prefix_k is None:
+            out = batched(probs, kv.v.astype(dt))
+        else:
+            out = (to_rows(batched(to_group(probs[..., :p]), kv.prefix_v.astype(dt)))
+                   + batched(probs[..., p:], kv.v.astype(dt)))
+        out = out.reshape(b, kh, g, t, dh)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
     def _probs(self, logits_BxKxGxTxS, allowed_BxTxS, dt):
@@ -526,9 +547,13 @@ class Block(nnx.Module):
 
 class CachedKV(NamedTuple):
     """One layer's keys [B, K, Dh, S] and values [B, K, S, Dh] in the cache's layout, passed
-    as the keys of `Attention.attend` (values None)."""
+    as the keys of `Attention.attend` (values None). `prefix_k` [G, K, Dh, P] / `prefix_v`
+    [G, K, P, Dh]: keys / values of a prompt shared by each group of B / G consecutive rows,
+    attended before the rows' own slots (`KVCache.prefix_k`); None without one."""
     k: jax.Array
     v: jax.Array
+    prefix_k: Optional[jax.Array] = None
+    prefix_v: Optional[jax.Array] = None
 
     @staticmethod
     def of(k_BxTxKxDh, v_BxTxKxDh, dtype) -> "CachedKV":
@@ -536,6 +561,17 @@ class CachedKV(NamedTuple):
         dtype."""
         return CachedKV(k_BxTxKxDh.transpose(0, 2, 3, 1).astype(dtype),
                         jnp.swapaxes(v_BxTxKxDh, 1, 2).astype(dtype))
+
+    def dense(self):
+        """(keys, values) [B, P + S, K, Dh]: the shared prefix repeated for its rows, then the
+        rows' own slots (for the attention implementations that take plain arrays)."""
+        k, v = self.k.transpose(0, 3, 1, 2), jnp.swapaxes(self.v, 1, 2)
+        if self.prefix_k is None:
+            return k, v
+        rep = k.shape[0] // self.prefix_k.shape[0]
+        pk = jnp.repeat(self.prefix_k.transpose(0, 3, 1, 2), rep, axis=0).astype(k.dtype)
+        pv = jnp.repeat(jnp.swapaxes(self.prefix_v, 1, 2), rep, axis=0).astype(v.dtype)
+        return jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
 
 
 class KVCache(NamedTuple):
@@ -548,11 +584,20 @@ class KVCache(NamedTuple):
     [B, K, S, Dh] keys make the slower left operand. mask: [B, S] int32, 1 where a slot holds
     a real (non-padding) token. index: int32 scalar, the next slot to write; every row writes
     the same slot (prompts are left-padded), so slot order is causal order.
+
+    prefix_k / prefix_v / prefix_mask: a prompt shared by groups of B / G consecutive rows (K
+    samples of one prompt), stored once per group: per-layer keys [G, K, Dh, P] and values
+    [G, K, P, Dh], mask [G, P]; its P slots come before every row slot (row slot j is
+    position P + j of the sequence), and k / v / mask then hold the rows' own slots only.
+    None (the default): no shared prefix.
     """
     k: tuple
     v: tuple
     mask: jax.Array
     index: jax.Array
+    prefix_k: Optional[tuple] = None
+    prefix_v: Optional[tuple] = None
+    prefix_mask: Optional[jax.Array] = None
 
 
 def remat_policy(name: str):
@@ -901,7 +946,8 @@ class Transformer(nnx.Module):
     def hidden_cached(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache, *,
                       select=None, layers=None):
         """Runs T new tokens against the cache: they are written to slots [index, index + T);
-        query i attends slot j when j <= index + i and slot j holds a real token. Returns
+        query i attends slot j when j <= index + i and slot j holds a real token, and every
+        real slot of the cache's shared prefix, if it has one (`KVCache.prefix_k`). Returns
         (final-norm hidden [B, T, D], updated cache); with `select` (as in `hidden`) the
         hidden states of those rows only, [B, Q, D] (the last layer's queries and MLP then
         run there only; every layer's keys and values are cached). `layers` are the
@@ -916,9 +962,20 @@ class Transformer(nnx.Module):
         slot = jnp.arange(s, dtype=jnp.int32)
         qpos = start + jnp.arange(t, dtype=jnp.int32)
         allowed_BxTxS = (slot[None, :] <= qpos[:, None])[None] & (kv_mask[:, None, :] > 0)
-        allowed_for = self._layer_masks(allowed_BxTxS, qpos[:, None] - slot[None, :])
+        distance_TxS = qpos[:, None] - slot[None, :]
+        if cache.prefix_mask is not None:   # the shared prefix's P slots come first
+            groups, p = cache.prefix_mask.shape
+            prefix_BxP = jnp.repeat(cache.prefix_mask, tokens_BxT.shape[0] // groups, axis=0)
+            allowed_BxTxS = jnp.concatenate(
+                [jnp.broadcast_to((prefix_BxP > 0)[:, None, :], (prefix_BxP.shape[0], t, p)),
+                 allowed_BxTxS], axis=-1)
+            distance_TxS = jnp.concatenate(
+                [p + qpos[:, None] - jnp.arange(p, dtype=jnp.int32)[None, :], distance_TxS],
+                axis=-1)
+        allowed_for = self._layer_masks(allowed_BxTxS, distance_TxS)
         x = self.embed_tokens(tokens_BxT, positions_BxT)
         new_k, new_v = [], []
+        shared = cache.prefix_k or (None,) * len(layers), cache.prefix_v or (None,) * len(layers)
         for i, (block, k_cache, v_cache) in enumerate(zip(layers, cache.k, cache.v)):
             def kv_fn(k_BxTxKxDh, v_BxTxKxDh, k_cache=k_cache, v_cache=v_cache, i=i):
                 new = CachedKV.of(k_BxTxKxDh, v_BxTxKxDh, k_cache.dtype)
@@ -926,10 +983,10 @@ class Transformer(nnx.Module):
                 vs = jax.lax.dynamic_update_slice(v_cache, new.v, (zero, zero, start, zero))
                 new_k.append(ks)
                 new_v.append(vs)
-                return CachedKV(ks, vs), None, allowed_for(i)
+                return CachedKV(ks, vs, shared[0][i], shared[1][i]), None, allowed_for(i)
             x = block(x, positions_BxT, kv_fn, select if i == len(layers) - 1 else None,
                       self._is_local(i))
-        cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
+        cache = cache._replace(k=tuple(new_k), v=tuple(new_v), mask=kv_mask, index=start + t)
         return self.final_norm(x), cache
 
     def decode(self, tokens_BxT, mask_BxT, positions_BxT, cache: KVCache):
