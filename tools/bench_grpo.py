@@ -552,7 +552,7 @@ def main():
     }
     bp.note_trl_and_malloc(out, args, has_trl, trl_info, "trl.GRPOTrainer")
     if args.hf:
-        out["setup"]["jaxrlhf_remat"] = "full"
+        out["setup"]["jaxrlhf_remat"] = args.remat or "full"
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as root:
         for name in ([None] if args.hf else args.presets.split(",")):
             res = bench_hf(args, has_trl, root) if args.hf else bench_preset(name, args,
