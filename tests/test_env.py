@@ -116,3 +116,18 @@ def test_profile_decode_reads_shapes_and_operands_from_optimized_hlo(tmp_path):
     assert pd._nbytes("f32[576,1536]") == 576 * 1536 * 4
     assert pd._nbytes("bf16[8,3]") == 48 and pd._nbytes("s32[]") == 4
     assert not pd._is_op("ThunkExecutor::Execute") and pd._is_op("ynn_fusion.7")
+
+
+def test_cpu_name_reads_model_family_and_vector_isa(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import _bench_common as bc
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+                   "model\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 "
+                   "avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert bc.cpu_name(str(x86)) == "AMD EPYC (family 25, model 17, avx512f)"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n")
+    assert bc.cpu_name(str(arm))    # no model name: the architecture, not an empty string
+    assert bc.cpu_name(str(tmp_path / "missing"))

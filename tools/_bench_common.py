@@ -8,6 +8,8 @@
 - `to_hf_llama(model)`: the same weights as a `transformers.LlamaForCausalLM` (PyTorch, fp32),
   through `jaxrlhf.models.save_hf` + `from_pretrained`.
 - `param_bytes(state)`, `timed(fn)`: bytes of a pytree; best-of-k wall time.
+- `cpu_name()`: the CPU model for a JSON's "machine" block (speed ratios against PyTorch
+  differ between CPU models: record which one measured them).
 - `write_result(out, name, path)`: a benchmark's JSON into experiments/benchmarks/.
 """
 from __future__ import annotations
@@ -117,6 +119,27 @@ def memory_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
            "read_gbps": src.nbytes / t_read / 1e9}
     out["floor_gbps"] = max(out["copy_traffic_gbps"], out["read_gbps"])
     return out
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name with its family / model numbers and widest vector ISA, from the
+    first processor block of `cpuinfo` (e.g. "AMD EPYC (family 25, model 17, avx512f)");
+    `platform.machine()` where it is unreadable."""
+    import platform
+    try:
+        with open(cpuinfo) as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    isa = next((x for x in ("avx512f", "avx2", "avx", "asimd", "neon") if x in flags), "")
+    name = fields.get("model name") or fields.get("Model") or platform.machine()
+    parts = [f"family {fields['cpu family']}" if "cpu family" in fields else "",
+             f"model {fields['model']}" if "model" in fields else "", isa]
+    parts = [x for x in parts if x]
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:

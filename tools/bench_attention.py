@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -102,7 +101,7 @@ def main(argv=None):
             r["decode"].append((t_new - (time.perf_counter() - t0)) / (args.new - 1))
     base = runs[next(iter(runs))]["tokens"]
     out = {"model": args.hf or args.preset, "backend": jax.default_backend(),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, load "
+           "machine": f"{bc.cpu_name()}, {os.cpu_count()} cores, load "
                       f"{os.getloadavg()[0]:.1f}",
            "batch": args.batch, "seq": args.seq, "prompt": args.prompt, "new": args.new,
            "dtype": cfg.dtype, "remat": args.remat, "impls": {}}

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -211,7 +210,7 @@ def bench_hf(args, cores) -> dict:
                      "processes": "one fresh process per side",
                      "jaxrlhf_host_malloc": bc.allocator_note(envs["jax"]),
                      "hf_host_malloc": bc.allocator_note(envs["hf"])},
-           "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+           "machine": {"cores": cores, "cpu": bc.cpu_name(),
                        "floor_gbps": round(bw, 2), "load_average_end": os.getloadavg()},
            "jax": sides["jax"], "hf": sides["hf"]}
     for shape in ("rollout", "group"):
@@ -383,7 +382,7 @@ def main():
                   "temperature": 1.0, "threads": args.threads, "repeats": args.repeats,
                   "dtype": "float32"},
         "machine": {
-            "cores": cores, "cpu": platform.processor() or platform.machine(),
+            "cores": cores, "cpu": bc.cpu_name(),
             "memory_bandwidth_gbps": {k: round(v, 2) for k, v in bandwidth.items()},
             "matmul_gflops": round(bc.matmul_gflops(), 1),
             "load_average_at_start": list(os.getloadavg()),

@@ -268,6 +268,7 @@ def main():
         if s and t:
             ratios[f"stage_{kind}"] = {
                 "peak_rss_stage_over_torch_step": round(s["peak_rss_gb"] / t["peak_rss_gb"], 3)}
+    import _bench_common as bc
     import jax
     import torch
     import transformers
@@ -275,8 +276,8 @@ def main():
            "model": args.hf or f"preset:{args.preset}", "batch": args.batch, "seq": args.seq,
            "steps": args.steps, "threads": args.threads, "jaxrlhf_host_malloc": args.malloc,
            "jax_remat": args.remat or "model default",
-           "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
-                       "load_avg_at_end": os.getloadavg()},
+           "machine": {"cores": os.cpu_count(), "cpu": bc.cpu_name(),
+                       "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
            "versions": {"jax": jax.__version__, "torch": torch.__version__,
                         "transformers": transformers.__version__},
            "results": results, "ratios": ratios, "target": "peak RSS ratio <= 1.2"}

@@ -70,7 +70,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import sys
 import time
 
@@ -423,7 +422,7 @@ def bench_hf(args) -> dict:
                      "logits_chunk": args.logits_chunk,
                      "malloc": args.malloc, "dtype": "float32", "statistic": "median",
                      "processes": "one fresh process per side and step kind"},
-           "machine": {"cpu": platform.processor() or platform.machine(),
+           "machine": {"cpu": bc.cpu_name(),
                        "load_average_end": os.getloadavg()}}
     meets = True
     for kind in kinds:
@@ -473,7 +472,7 @@ def main():
                   "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                   "dtype": "float32", "statistic": "median",
                   "torch": "eager, HF attn_implementation=sdpa"},
-        "machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+        "machine": {"cores": cores, "cpu": bc.cpu_name(),
                     "xla_matmul_gflops": round(rate["median"], 1),
                     "xla_matmul_gflops_best": round(rate["best"], 1),
                     "xla_matmul_gflops_cpu_time": round(rate["cpu_median"], 1),

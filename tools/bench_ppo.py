@@ -124,7 +124,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -185,7 +184,7 @@ def machine_and_versions(cores, has_trl: bool, trl_info) -> dict:
     import jax
     import torch
     import transformers
-    return {"machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
+    return {"machine": {"cores": cores, "cpu": bc.cpu_name(),
                         "matmul_gflops": round(bc.matmul_gflops(), 1),
                         "load_average_at_start": list(os.getloadavg())},
             "versions": {"jax": jax.__version__, "flax": flax.__version__,

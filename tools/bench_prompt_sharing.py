@@ -102,7 +102,8 @@ def main():
                      "prompt": args.prompt, "new_tokens": args.new, "threads": args.threads,
                      "repeats": args.repeats, "host_malloc": bc.allocator_note(os.environ),
                      "order": "one process, modes alternating; min over repeats"},
-           "machine": {"cores": cores, "load_average_end": os.getloadavg()},
+           "machine": {"cores": cores, "cpu": bc.cpu_name(),
+                       "load_average_end": os.getloadavg()},
            "agreement": agreement(first["shared"], first["repeated"])}
     for mode in inputs:
         s, s1 = min(times[mode][args.new]), min(times[mode][1])
