@@ -246,13 +246,18 @@ def test_chunked_target_logprobs_equal_the_full_logits(tied):
     (full, lp_full), g_full = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, h, 0)
     (chunked, lp_chunked), g_chunked = jax.jit(
         jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(params, h, 4)
+    (_, lp_eight), g_eight = jax.jit(   # two balanced chunks of 6 (1 padding position)
+        jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(params, h, 8)
     want = jax.nn.log_softmax(nnx.merge(graphdef, params).apply_head(h), -1)
     np.testing.assert_allclose(np.asarray(lp_full), np.take_along_axis(
         np.asarray(want), np.asarray(toks[:, 1:])[..., None], -1)[..., 0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lp_chunked), np.asarray(lp_full), rtol=1e-6,
                                atol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lp_eight), np.asarray(lp_full), rtol=1e-6,
+                               atol=1e-6)
+    for g in (g_chunked, g_eight):
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # Auto (None): chunks of 128 for a large vocabulary only.
     assert cfg.logits_chunk is None and cfg.logits_chunk_size() == 0
     assert cfg.replace(vocab_size=49152).logits_chunk_size() == 128
@@ -261,6 +266,15 @@ def test_chunked_target_logprobs_equal_the_full_logits(tied):
     assert cfg.replace(vocab_size=49152).logits_chunk_size(32) == 32
     assert cfg.replace(vocab_size=49152).logits_chunk_size(1000) == 8
     assert cfg.replace(vocab_size=49152, logits_chunk=16).logits_chunk_size(32) == 16
+    # The positions split into the fewest chunks, of equal size: little padding.
+    from jaxrlhf.models.transformer import balanced_chunk
+    assert balanced_chunk(191, 128) == 96 and balanced_chunk(512, 128) == 128
+    assert balanced_chunk(11, 8) == 6 and balanced_chunk(11, 4) == 4
+    for t in range(1, 300):
+        for c in (1, 4, 8, 64, 128):
+            k = balanced_chunk(t, c)
+            n = -(-t // c)
+            assert k <= c and n * k >= t and n * k - t < n, (t, c, k)
 
 
 def test_chunked_head_reduce_with_a_tuple_output():

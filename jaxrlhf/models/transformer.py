@@ -616,6 +616,15 @@ def positions_from_mask(mask_BxT):
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def balanced_chunk(t: int, c: int) -> int:
+    """Positions per chunk when `t` positions are processed at most `c` at a time: the
+    fewest chunks, n = ceil(t / c), made equal, ceil(t / n) <= c, so that padding the last
+    chunk computes fewer than n extra positions (t = 191, c = 128: two chunks of 96, where
+    chunks of 128 would compute 65 padding positions, a third more LM-head work)."""
+    n = -(-t // c)
+    return -(-t // n)
+
+
 class Transformer(nnx.Module):
     """Decoder-only transformer with an LM head ("lm") or a scalar head ("score").
 
@@ -883,17 +892,18 @@ class Transformer(nnx.Module):
         `h`, c at a time, concatenated back to [B, T, ...] (fn returns an array or a tuple of
         arrays, each [B, c, ...]).
 
-        With `cfg.logits_chunk_size(B)` = c > 0 and T > c, the positions are processed c at a
-        time (T padded up to a multiple of c; the padding is dropped): each chunk's [B, c, V]
-        logits are computed, reduced by `fn` and freed, and recomputed in the backward pass
-        (`jax.checkpoint`), so the [B, T, V] logits and their softmax never exist at once.
-        Same values as the unchunked path up to float rounding. Otherwise one call on the
-        whole [B, T, V] logits.
+        With `cfg.logits_chunk_size(B)` = c > 0 and T > c, the positions are processed in
+        n = ceil(T / c) chunks of `balanced_chunk(T, c)` <= c positions each (T padded up to n
+        equal chunks; the padding is dropped): each chunk's logits are computed, reduced by
+        `fn` and freed, and recomputed in the backward pass (`jax.checkpoint`), so the
+        [B, T, V] logits and their softmax never exist at once. Same values as the unchunked
+        path up to float rounding. Otherwise one call on the whole [B, T, V] logits.
         """
         b, t, d = h_BxTxD.shape
         c = self.cfg.logits_chunk_size(b)
         if not c or t <= c:
             return fn(self.apply_head(h_BxTxD).astype(jnp.float32), *per_position)
+        c = balanced_chunk(t, c)
         n = -(-t // c)
         pad = n * c - t
 
